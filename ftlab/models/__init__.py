@@ -1,0 +1,19 @@
+"""Model registry: config name -> Flax module. Models know nothing of methods."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections as mc
+
+from ftlab.models.cnn import MLP, SmallCNN
+
+
+def build_model(cfg: mc.ConfigDict, num_outputs: int, dtype: jnp.dtype):
+    """The module named by ``cfg.name``, computing in ``dtype`` (parameters stay float32)."""
+    if cfg.name == "cnn":
+        return SmallCNN(
+            num_outputs, tuple(cfg.features), tuple(cfg.hidden), dropout=cfg.dropout, dtype=dtype
+        )
+    if cfg.name == "mlp":
+        return MLP(num_outputs, tuple(cfg.hidden), dropout=cfg.dropout, dtype=dtype)
+    raise ValueError(f"unknown model {cfg.name!r}")

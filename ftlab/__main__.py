@@ -1,0 +1,5 @@
+import sys
+
+from ftlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,203 @@
+"""The shape of every experiment config, and the checks run before anything compiles.
+
+Config files start from ``base_config()`` and change what they need; the CLI then
+applies overrides and ``validate`` rejects bad values with the key that holds them.
+"""
+
+from __future__ import annotations
+
+import re
+
+import ml_collections as mc
+
+from ftlab.config import ConfigError
+
+METHODS = ("full", "frozen", "partial", "bitfit", "lora")
+OPTIMIZERS = ("adamw", "sgd", "adafactor")
+SCHEDULES = ("constant", "cosine", "linear")
+LOSSES = ("cross_entropy", "mse")
+MODELS = ("cnn", "mlp")
+SOURCES = ("sklearn", "npz")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def base_config() -> mc.ConfigDict:
+    """Every key an experiment may set, with defaults."""
+    c = mc.ConfigDict()
+    c.seed = 0
+
+    c.data = mc.ConfigDict()
+    c.data.source = "sklearn"  # sklearn (bundled sets) | npz (local arrays: inputs, labels)
+    c.data.name = "digits"  # sklearn set: digits, breast_cancer, wine, iris, diabetes
+    c.data.path = ""  # npz file for source=npz
+    c.data.classes = ()  # keep only these labels, remapped to 0..k-1 in this order
+    c.data.val_fraction = 0.15
+    c.data.test_fraction = 0.15
+    c.data.train_per_class = 0  # >0: a small labelled subset of the training split
+    c.data.stratify = True
+    c.data.shuffle = True  # reshuffle the training split each epoch (from the seed)
+    c.data.scale = 0.0  # >0: multiply inputs by this (digits: 1/16); else standardise on train stats
+    c.data.split_seed = 0
+
+    c.model = mc.ConfigDict()
+    c.model.name = "cnn"
+    c.model.features = (16, 32)
+    c.model.hidden = (64,)
+    c.model.dropout = 0.0
+
+    c.init = mc.ConfigDict()
+    c.init.checkpoint = ""  # parameters saved by a run (its workdir/params), or "stage:NAME"
+    c.init.reinit = ()  # regexes of leaves that keep their fresh init (a new head)
+
+    c.method = mc.ConfigDict()
+    c.method.name = "full"
+    c.method.trainable = ()  # regexes trained in addition to what the method selects
+    c.method.partial = mc.ConfigDict()
+    c.method.partial.last_k = 0  # train the last k blocks
+    c.method.partial.blocks = ()  # or the blocks whose paths match these regexes
+    c.method.partial.block_pattern = r"(?:^|/)(?:block|blocks|h|layer|layers)_(\d+)(?:/|$)"
+    c.method.lora = mc.ConfigDict()
+    c.method.lora.rank = 4
+    c.method.lora.alpha = 8.0
+    c.method.lora.dropout = 0.0
+    c.method.lora.targets = ()  # regexes of kernel paths to adapt
+    c.method.lora.rslora = False  # scale alpha/sqrt(r) instead of alpha/r
+
+    c.optim = mc.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.lr = 1e-3
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 0
+    c.optim.final_lr_fraction = 0.0  # where cosine/linear decay ends, relative to lr
+    c.optim.weight_decay = 0.0  # never applied to biases or norm scales
+    c.optim.clip_norm = 1.0  # global-norm clipping; 0 turns it off
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.momentum = 0.9  # sgd
+    c.optim.accum_steps = 1  # gradient accumulation: micro-batches per update
+
+    c.train = mc.ConfigDict()
+    c.train.batch_size = 32
+    c.train.num_steps = 0  # >0 wins over num_epochs
+    c.train.num_epochs = 10
+    c.train.loss = "cross_entropy"
+    c.train.label_smoothing = 0.0
+    c.train.compute_dtype = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
+    c.train.log_every = 10
+    c.train.eval_every = 50
+    c.train.eval_batch_size = 256
+
+    c.early_stopping = mc.ConfigDict()
+    c.early_stopping.metric = "val/loss"
+    c.early_stopping.mode = "min"
+    c.early_stopping.patience = 0  # evaluations without improvement; 0 = never stop early
+    c.early_stopping.min_delta = 0.0
+    c.early_stopping.restore_best = True
+
+    c.checkpoint = mc.ConfigDict()
+    c.checkpoint.every_steps = 100
+    c.checkpoint.keep = 2
+    c.checkpoint.async_save = True
+
+    # Multi-run experiments: (name, {dotted.key: value}) pairs applied on top of this config.
+    c.stages = ()  # run in order before the variants (e.g. pretraining), in workdir/NAME
+    c.variants = ()  # compared with one another; each in workdir/NAME, table in workdir
+    return c
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{key}: {message}")
+
+
+def _one_of(cfg: mc.ConfigDict, key: str, allowed: tuple[str, ...]) -> None:
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    _check(value in allowed, key, f"unknown value {value!r}; choose one of {', '.join(allowed)}")
+
+
+def _regexes(values, key: str) -> None:
+    for pattern in values:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"config.{key}: invalid regex {pattern!r}: {e}") from None
+
+
+def validate(cfg: mc.ConfigDict) -> None:
+    """Raise ConfigError for any value that cannot run, before data or compilation."""
+    for key, allowed in [
+        ("data.source", SOURCES),
+        ("model.name", MODELS),
+        ("method.name", METHODS),
+        ("optim.name", OPTIMIZERS),
+        ("optim.schedule", SCHEDULES),
+        ("train.loss", LOSSES),
+        ("train.compute_dtype", DTYPES),
+        ("early_stopping.mode", ("min", "max")),
+    ]:
+        _one_of(cfg, key, allowed)
+    _check(cfg.optim.lr > 0, "optim.lr", f"learning rate must be > 0, got {cfg.optim.lr}")
+    _check(cfg.train.batch_size > 0, "train.batch_size", f"must be > 0, got {cfg.train.batch_size}")
+    _check(cfg.train.eval_batch_size > 0, "train.eval_batch_size", "must be > 0")
+    _check(cfg.optim.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
+    _check(
+        cfg.train.batch_size % cfg.optim.accum_steps == 0,
+        "optim.accum_steps",
+        f"batch_size {cfg.train.batch_size} is not divisible by accum_steps {cfg.optim.accum_steps}",
+    )
+    _check(
+        cfg.train.num_steps > 0 or cfg.train.num_epochs > 0,
+        "train.num_steps",
+        "set train.num_steps or train.num_epochs to a positive number",
+    )
+    _check(cfg.train.num_steps >= 0, "train.num_steps", "must be >= 0")
+    _check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(cfg.optim.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 = no clipping)")
+    _check(0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+    _check(0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)")
+    for key in ("train.log_every", "train.eval_every", "checkpoint.every_steps", "checkpoint.keep"):
+        section, name = key.split(".")
+        _check(cfg[section][name] > 0, key, f"must be > 0, got {cfg[section][name]}")
+    _check(cfg.early_stopping.patience >= 0, "early_stopping.patience", "must be >= 0")
+    _check(
+        cfg.early_stopping.metric.startswith("val/"),
+        "early_stopping.metric",
+        f"must be a validation metric such as 'val/loss' or 'val/accuracy', "
+        f"got {cfg.early_stopping.metric!r} (the test split never selects models)",
+    )
+    for key in ("val_fraction", "test_fraction"):
+        _check(0 <= cfg.data[key] < 1, f"data.{key}", "must be in [0, 1)")
+    _check(cfg.data.val_fraction > 0, "data.val_fraction", "must be > 0: evaluation needs a validation split")
+    _check(cfg.data.val_fraction + cfg.data.test_fraction < 1, "data.val_fraction", "val + test fractions must be < 1")
+    if cfg.data.source == "npz":
+        _check(bool(cfg.data.path), "data.path", "source 'npz' needs data.path")
+    lora = cfg.method.lora
+    if cfg.method.name == "lora":
+        _check(lora.rank > 0, "method.lora.rank", f"must be > 0, got {lora.rank}")
+        _check(lora.alpha > 0, "method.lora.alpha", f"must be > 0, got {lora.alpha}")
+        _check(0 <= lora.dropout < 1, "method.lora.dropout", "must be in [0, 1)")
+        _check(len(lora.targets) > 0, "method.lora.targets", "LoRA needs at least one target regex")
+    if cfg.method.name == "frozen":
+        _check(
+            len(cfg.method.trainable) > 0,
+            "method.trainable",
+            "method 'frozen' trains only these regexes (e.g. ('head/',)); none given",
+        )
+    if cfg.method.name == "partial":
+        p = cfg.method.partial
+        _check(
+            (p.last_k > 0) != (len(p.blocks) > 0),
+            "method.partial.last_k",
+            "method 'partial' needs exactly one of partial.last_k > 0 or partial.blocks",
+        )
+    _regexes(cfg.method.trainable, "method.trainable")
+    _regexes(lora.targets, "method.lora.targets")
+    _regexes(cfg.method.partial.blocks, "method.partial.blocks")
+    _regexes((cfg.method.partial.block_pattern,), "method.partial.block_pattern")
+    _regexes(cfg.init.reinit, "init.reinit")
+    for group in ("stages", "variants"):
+        names = [name for name, _ in cfg[group]]
+        _check(len(names) == len(set(names)), group, f"names must be unique, got {names}")

@@ -1,0 +1,318 @@
+"""The training loop: config in, checkpoints, metrics and a summary out.
+
+Read top to bottom it is the whole run: data -> model -> method -> optimiser ->
+state (resumed if the workdir has a checkpoint) -> jitted steps with periodic logging,
+evaluation, early stopping and checkpoints -> final evaluation on val and test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mc
+import numpy as np
+from tqdm.auto import tqdm
+
+from ftlab import checkpoint, tree
+from ftlab.config import ConfigError, to_dict
+from ftlab.data import Dataset, Split, load_dataset
+from ftlab.data.batches import eval_batches, steps_per_epoch, train_batch
+from ftlab.eval import metrics as metrics_lib
+from ftlab.eval import plots
+from ftlab.methods import Method, build_method
+from ftlab.methods.select import by_regexes
+from ftlab.models import build_model
+from ftlab.schema import validate
+from ftlab.train import losses, optim
+from ftlab.train.state import TrainState
+from ftlab.train.step import make_eval_step, make_train_step
+from ftlab.train.writer import MetricWriter, read_metrics
+
+log = logging.getLogger("ftlab")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """``auto``: bfloat16 on accelerators, float32 on CPU (where bf16 is slow and inexact)."""
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return jnp.dtype(name)
+
+
+def init_params(cfg: mc.ConfigDict, model, sample: np.ndarray) -> dict:
+    """Fresh parameters, overlaid with a pretrained checkpoint's (except ``init.reinit``)."""
+    params = jax.jit(model.init)(jax.random.key(cfg.seed), sample)["params"]
+    if not cfg.init.checkpoint:
+        return params
+    pretrained = tree.flatten(checkpoint.load_pytree(cfg.init.checkpoint))
+    flat = tree.flatten(params)
+    fresh = by_regexes(sorted(flat), cfg.init.reinit, "init.reinit")
+    for path, value in flat.items():
+        if path in fresh:
+            continue
+        if path not in pretrained:
+            raise ConfigError(
+                f"config.init.checkpoint: {cfg.init.checkpoint} has no {path!r}; add it to init.reinit "
+                "to keep its fresh initialisation"
+            )
+        if pretrained[path].shape != value.shape:
+            raise ConfigError(
+                f"config.init.checkpoint: {path!r} has shape {pretrained[path].shape} in the checkpoint, "
+                f"{value.shape} in the model; add it to init.reinit (a new head, say)"
+            )
+        flat[path] = jnp.asarray(pretrained[path], value.dtype)
+    log.info("initialised from %s (kept fresh: %s)", cfg.init.checkpoint, ", ".join(sorted(fresh)) or "none")
+    return tree.unflatten(flat)
+
+
+def evaluate(eval_step, state: TrainState, split: Split, data: Dataset, batch_size: int) -> dict:
+    """Loss and task metrics over the whole split."""
+    outputs, loss = [], []
+    for batch in eval_batches(split, batch_size):
+        out = jax.device_get(eval_step(state, batch))
+        keep = batch["weights"] > 0
+        outputs.append(out["outputs"][keep])
+        loss.append(out["loss"][keep])
+    outputs, loss = np.concatenate(outputs), np.concatenate(loss)
+    result = {"loss": float(loss.mean())}
+    if data.task == "classification":
+        result.update(metrics_lib.classification_metrics(split.labels, outputs.argmax(-1), data.num_outputs))
+    else:
+        result.update(metrics_lib.regression_metrics(split.labels, outputs))
+    return result
+
+
+class _EarlyStopping:
+    """Patience counted in evaluations; its state travels in the checkpoint's meta."""
+
+    def __init__(self, cfg: mc.ConfigDict, meta: dict):
+        self.cfg = cfg
+        self.best = meta.get("best_value")
+        self.best_step = meta.get("best_step")
+        self.bad = meta.get("bad_evals", 0)
+        self.stopped = meta.get("stopped", False)
+
+    def improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        if self.cfg.mode == "max":
+            return value > self.best + self.cfg.min_delta
+        return value < self.best - self.cfg.min_delta
+
+    def update(self, step: int, value: float) -> bool:
+        """Record an evaluation; True when it is the best so far."""
+        if self.improved(value):
+            self.best, self.best_step, self.bad = value, step, 0
+            return True
+        self.bad += 1
+        self.stopped = 0 < self.cfg.patience <= self.bad
+        return False
+
+    def meta(self) -> dict:
+        return {"best_value": self.best, "best_step": self.best_step, "bad_evals": self.bad, "stopped": self.stopped}
+
+
+class _Interrupt:
+    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second one
+    interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def train(cfg: mc.ConfigDict, workdir: str | Path, *, on_step: Callable[[int], None] | None = None) -> dict:
+    """Run (or resume) the experiment described by ``cfg`` in ``workdir``; returns the summary."""
+    start_time = time.time()
+    validate(cfg)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    # Data.
+    data = load_dataset(cfg.data)
+    for line in data.report().splitlines():
+        log.info("data %s", line)
+    per_epoch = steps_per_epoch(len(data.train), cfg.train.batch_size)
+    total_steps = cfg.train.num_steps or cfg.train.num_epochs * per_epoch
+
+    # Model, method, optimiser, state.
+    dtype = compute_dtype(cfg.train.compute_dtype)
+    model = build_model(cfg.model, data.num_outputs, dtype)
+    params = init_params(cfg, model, data.train.inputs[:1])
+    method: Method = build_method(cfg.method, params)
+    trainable, frozen = method.split(params, jax.random.key(cfg.seed + 1))
+    log.info("%s", method.summary(trainable, frozen))
+    tx, lr_schedule = optim.optimizer(cfg.optim, total_steps)
+    state = TrainState.create(trainable, frozen, tx, cfg.seed)
+    loss_fn = losses.per_example_loss(cfg.train.loss, cfg.train.label_smoothing)
+    train_step = jax.jit(
+        make_train_step(model, method, tx, lr_schedule, loss_fn, cfg.optim.accum_steps), donate_argnums=0
+    )
+    eval_step = jax.jit(make_eval_step(model, method, loss_fn))
+
+    # Checkpoints: resume from the latest one if there is one.
+    es_cfg = cfg.early_stopping
+    ckpts = checkpoint.Checkpoints(
+        workdir / "checkpoints",
+        save_every=cfg.checkpoint.every_steps,
+        keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save,
+        best_metric=es_cfg.metric,
+        best_mode=es_cfg.mode,
+    )
+    meta: dict = {}
+    if ckpts.latest_step() is not None:
+        state, meta = ckpts.restore(state)
+        log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
+    stopper = _EarlyStopping(es_cfg, meta)
+    (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+
+    step = int(state.step)
+    pending: list[tuple[int, dict]] = []
+    window_start, window_steps = time.time(), 0
+    bar = tqdm(total=total_steps, initial=step, desc=workdir.name, unit="step", dynamic_ncols=True)
+
+    def flush() -> None:
+        """Fetch the queued step metrics, stop on a non-finite value, log their mean."""
+        nonlocal pending, window_start, window_steps
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        for (s, _), m in zip(pending, fetched):
+            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                ckpts.wait()
+                raise NonFiniteLossError(
+                    f"non-finite {'loss' if not math.isfinite(m['loss']) else 'gradient'} at step {s} "
+                    f"(loss={m['loss']}, grad_norm={m['grad_norm']}); stopped. The last good checkpoint "
+                    f"is step {ckpts.latest_step()} in {workdir / 'checkpoints'}; lower optim.lr or "
+                    "check the data"
+                )
+        rate = window_steps * cfg.train.batch_size / max(time.time() - window_start, 1e-9)
+        record = {
+            "train/loss": float(np.mean([m["loss"] for m in fetched])),
+            "train/grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+            "train/lr": float(fetched[-1]["lr"]),
+            "train/examples_per_sec": rate,
+        }
+        writer.write(pending[-1][0], record)
+        bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/lr']:.2e}", ex_s=f"{rate:.0f}")
+        pending, window_start, window_steps = [], time.time(), 0
+
+    def save(force: bool = False) -> None:
+        flush()  # never checkpoint a state that came from a non-finite step
+        if force and step in ckpts.all_steps():
+            return
+        ckpts.save(step, state, {**stopper.meta(), "step": step}, force=force)
+
+    with _Interrupt() as interrupt:
+        while step < total_steps and not stopper.stopped:
+            batch = train_batch(data.train, step, cfg.train.batch_size, cfg.seed, cfg.data.shuffle)
+            state, step_metrics = train_step(state, batch)
+            step += 1
+            window_steps += 1
+            pending.append((step, step_metrics))
+            bar.update(1)
+            if step % cfg.train.log_every == 0:
+                flush()
+            if step % cfg.train.eval_every == 0 or step == total_steps:
+                flush()
+                val = evaluate(eval_step, state, data.val, data, cfg.train.eval_batch_size)
+                writer.write(step, metrics_lib.scalars(val, "val"))
+                scalars = metrics_lib.scalars(val, "val")
+                if es_cfg.metric not in scalars:
+                    raise ConfigError(
+                        f"config.early_stopping.metric: {es_cfg.metric!r} is not computed; "
+                        f"available: {', '.join(sorted(scalars))}"
+                    )
+                if stopper.update(step, scalars[es_cfg.metric]):
+                    ckpts.save_best(step, state, stopper.meta(), scalars)
+                if stopper.stopped:
+                    log.info("early stopping at step %d: best %s %.4f at step %d", step, es_cfg.metric,
+                             stopper.best, stopper.best_step)
+            if step % cfg.checkpoint.every_steps == 0:
+                save()
+            if on_step is not None:
+                on_step(step)
+            if interrupt.requested:
+                save(force=True)
+                ckpts.wait()
+                bar.close()
+                log.warning("checkpoint saved at step %d; run the same command again to resume", step)
+                raise KeyboardInterrupt
+    save(force=True)
+    bar.close()
+    ckpts.wait()
+
+    # Final evaluation with the best weights (model selection on val only), then test.
+    best_step = step
+    if es_cfg.restore_best and ckpts.best_step() is not None:
+        state, _, best_step = ckpts.restore_best(state)
+        log.info("restored the best weights (step %d, %s %.4f)", best_step, es_cfg.metric, stopper.best)
+    val = evaluate(eval_step, state, data.val, data, cfg.train.eval_batch_size)
+    test = evaluate(eval_step, state, data.test, data, cfg.train.eval_batch_size) if len(data.test) else {}
+    ckpts.close()
+    writer.write(step, {**metrics_lib.scalars(val, "final_val"), **metrics_lib.scalars(test, "test")})
+    writer.close()
+
+    n_trainable = tree.count(state.trainable)
+    summary = {
+        "steps": step,
+        "best_step": best_step,
+        "stopped_early": stopper.stopped,
+        "method": cfg.method.name,
+        "method_summary": method.summary(state.trainable, state.frozen),
+        "trainable_params": n_trainable,
+        "total_params": tree.count(state.frozen) + tree.count(state.trainable["params"]),
+        "wall_time_s": time.time() - start_time,
+        "val": val,
+        "test": test,
+    }
+    if jax.process_index() == 0:
+        _write_outputs(workdir, summary, data, method, state)
+    log.info("done: %s", {k: v for k, v in metrics_lib.scalars(test or val).items()})
+    return summary
+
+
+def _write_outputs(workdir: Path, summary: dict, data: Dataset, method: Method, state: TrainState) -> None:
+    """summary.json, plots, and the final parameters (LoRA merged) for later stages/export."""
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plots.plot_history(read_metrics(workdir / "metrics.jsonl"), workdir / "learning_curves.png", workdir.name)
+    final = summary["test"] or summary["val"]
+    if "confusion_matrix" in final:
+        split = "test" if summary["test"] else "val"
+        plots.plot_confusion_matrix(
+            np.array(final["confusion_matrix"]), data.class_names, workdir / "confusion_matrix.png",
+            f"{workdir.name}: {split} confusion matrix",
+        )
+    params_dir = workdir / "params"
+    if not params_dir.exists():
+        checkpoint.save_pytree(params_dir, method.merged_params(state.trainable, state.frozen))

@@ -1,0 +1,54 @@
+"""Losses, each ``(outputs, batch) -> mean loss`` over the weighted examples of a batch.
+
+``batch["weights"]`` (1 for real examples, 0 for padding) keeps padded evaluation
+batches exact; losses are computed in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+LossFn = Callable[[jax.Array, dict], tuple[jax.Array, jax.Array]]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy with (optional) label smoothing."""
+    logits = logits.astype(jnp.float32)
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def masked_lm_loss(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array, label_smoothing: float = 0.0
+) -> jax.Array:
+    """Mean token cross-entropy over positions where ``mask`` is set (prompt/padding excluded)."""
+    per_token = cross_entropy(logits, targets, label_smoothing)
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def squared_error(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-example squared error, summed over output dimensions."""
+    outputs = outputs.astype(jnp.float32).reshape(outputs.shape[0], -1)
+    return jnp.sum((outputs - targets.reshape(outputs.shape)) ** 2, axis=-1)
+
+
+def per_example_loss(name: str, label_smoothing: float = 0.0) -> Callable[[jax.Array, dict], jax.Array]:
+    """The configured loss as ``(outputs, batch) -> per-example losses``."""
+    if name == "cross_entropy":
+        return lambda logits, batch: cross_entropy(logits, batch["labels"], label_smoothing)
+    if name == "mse":
+        return lambda outputs, batch: squared_error(outputs, batch["labels"])
+    raise ValueError(f"unknown loss {name!r}")
+
+
+def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
+    if weights is None:
+        return jnp.mean(values)
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)

@@ -2,8 +2,10 @@
 
 A config lists ``stages`` and ``variants`` as ``(name, {dotted.key: value})`` pairs applied
 on top of itself; ``init.checkpoint = "stage:NAME"`` points a run at the parameters a stage
-saved. Each run gets ``workdir/NAME``; the comparison goes to ``workdir/results.md``,
-``results.json`` and ``comparison.png``.
+saved. Each run gets ``workdir/NAME`` (``workdir/NAME/seed_S`` when ``variant_seeds`` repeats
+variants over seeds, each seed drawing its own data split and labelled subset). The
+comparison goes to ``workdir/results.md`` (mean ± std over seeds), ``results.json`` and
+``comparison.png``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 from pathlib import Path
 
 import ml_collections as mc
+import numpy as np
 
 from ftlab.config import ConfigError, override_copy
 from ftlab.eval import plots
@@ -27,7 +30,7 @@ log = logging.getLogger("ftlab")
 def derive(cfg: mc.ConfigDict, name: str, overrides: dict, workdir: Path, stage_names: list[str]) -> mc.ConfigDict:
     """One run's config: the base plus its overrides, stage references resolved, validated."""
     try:
-        run = override_copy(cfg, {**overrides, "stages": (), "variants": ()})
+        run = override_copy(cfg, {**overrides, "stages": (), "variants": (), "variant_seeds": ()})
     except ConfigError as e:
         raise ConfigError(f"run {name!r}: {e}") from None
     ref = run.init.checkpoint
@@ -49,56 +52,80 @@ def run_experiment(cfg: mc.ConfigDict, workdir: str | Path) -> dict:
         return train(cfg, workdir)
     validate(cfg)
     stage_names = [name for name, _ in cfg.stages]
+    seeds = list(cfg.variant_seeds)
     # Derive (and so validate) every run before the first one starts.
-    stages = [(n, derive(cfg, n, o, workdir, stage_names)) for n, o in cfg.stages]
-    variants = [(n, derive(cfg, n, o, workdir, stage_names)) for n, o in cfg.variants]
-    for name, run in stages:
+    stages = [(n, workdir / n, derive(cfg, n, o, workdir, stage_names)) for n, o in cfg.stages]
+    variants = []
+    for name, overrides in cfg.variants:
+        for seed in seeds or [None]:
+            extra = {} if seed is None else {"seed": seed, "data.split_seed": seed}
+            where = workdir / name if seed is None else workdir / name / f"seed_{seed}"
+            variants.append((name, where, derive(cfg, name, {**overrides, **extra}, workdir, stage_names)))
+    for name, where, run in stages:
         log.info("== stage %s", name)
-        train(run, workdir / name)
-    results = {}
-    for name, run in variants:
-        log.info("== variant %s", name)
-        results[name] = train(run, workdir / name)
+        train(run, where)
+    results: dict[str, list[dict]] = {}
+    for name, where, run in variants:
+        log.info("== variant %s (%s)", name, where.relative_to(workdir))
+        summary = train(run, where)
+        results.setdefault(name, []).append({**summary, "workdir": str(where)})
     if results:
         write_comparison(workdir, results, cfg.early_stopping.metric)
     return results
 
 
-def write_comparison(workdir: Path, results: dict[str, dict], curve_metric: str) -> None:
+def _mean_std(values: list[float | None]) -> str | None:
+    if any(v is None for v in values):
+        return None
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def write_comparison(workdir: Path, results: dict[str, list[dict]], curve_metric: str) -> None:
+    """Markdown table (mean ± std over seeds), JSON of every run, and validation curves."""
     rows = []
-    for name, s in results.items():
-        test = s["test"] or s["val"]
+    for name, runs in results.items():
+        tests = [r["test"] or r["val"] for r in runs]
         rows.append(
             {
                 "variant": name,
-                "accuracy": test.get("accuracy"),
-                "f1_macro": test.get("f1_macro"),
-                "mse": test.get("mse"),
-                "trainable": s["trainable_params"],
-                "total": s["total_params"],
-                "steps": s["steps"],
-                "wall_time_s": s["wall_time_s"],
+                "accuracy": _mean_std([t.get("accuracy") for t in tests]),
+                "f1_macro": _mean_std([t.get("f1_macro") for t in tests]),
+                "mse": _mean_std([t.get("mse") for t in tests]),
+                "trainable": runs[0]["trainable_params"],
+                "total": runs[0]["total_params"],
+                "steps": int(np.mean([r["steps"] for r in runs])),
+                "wall_time_s": float(np.mean([r["wall_time_s"] for r in runs])),
             }
         )
     classification = rows[0]["accuracy"] is not None
     columns = [("variant", "variant", "")]
     columns += (
-        [("accuracy", "test accuracy", ".3f"), ("f1_macro", "test macro F1", ".3f")]
+        [("accuracy", "test accuracy", ""), ("f1_macro", "test macro F1", "")]
         if classification
-        else [("mse", "test MSE", ".4f")]
+        else [("mse", "test MSE", "")]
     )
     columns += [
         ("trainable", "trainable params", ",d"),
         ("total", "total params", ",d"),
         ("steps", "steps", "d"),
-        ("wall_time_s", "wall time (s)", ".1f"),
+        ("wall_time_s", "wall time per run (s)", ".1f"),
     ]
+    n_seeds = len(next(iter(results.values())))
     table = markdown_table(rows, columns)
+    if n_seeds > 1:
+        table += f"\nMean ± std over {n_seeds} seeds (each its own split and labelled subset).\n"
     (workdir / "results.md").write_text(table)
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     series = {
-        name: [(r["step"], r[curve_metric]) for r in read_metrics(workdir / name / "metrics.jsonl") if curve_metric in r]
-        for name in results
+        name: [
+            (r["step"], r[curve_metric])
+            for r in read_metrics(Path(runs[0]["workdir"]) / "metrics.jsonl")
+            if curve_metric in r
+        ]
+        for name, runs in results.items()
     }
-    plots.plot_curves(series, workdir / "comparison.png", f"{curve_metric} by variant", curve_metric)
+    title = f"{curve_metric} by variant" + (" (first seed)" if n_seeds > 1 else "")
+    plots.plot_curves(series, workdir / "comparison.png", title, curve_metric)
     log.info("comparison written to %s:\n%s", workdir / "results.md", table)

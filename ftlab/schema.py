@@ -102,6 +102,7 @@ def base_config() -> mc.ConfigDict:
     # Multi-run experiments: (name, {dotted.key: value}) pairs applied on top of this config.
     c.stages = ()  # run in order before the variants (e.g. pretraining), in workdir/NAME
     c.variants = ()  # compared with one another; each in workdir/NAME, table in workdir
+    c.variant_seeds = ()  # run each variant once per seed (seed and data.split_seed), mean ± std
     return c
 
 
@@ -198,6 +199,9 @@ def validate(cfg: mc.ConfigDict) -> None:
     _regexes(cfg.method.partial.blocks, "method.partial.blocks")
     _regexes((cfg.method.partial.block_pattern,), "method.partial.block_pattern")
     _regexes(cfg.init.reinit, "init.reinit")
+    _check(
+        len(set(cfg.variant_seeds)) == len(cfg.variant_seeds), "variant_seeds", "seeds must be unique"
+    )
     for group in ("stages", "variants"):
         names = [name for name, _ in cfg[group]]
         _check(len(names) == len(set(names)), group, f"names must be unique, got {names}")

@@ -38,6 +38,15 @@ class Dataset:
     task: str
     num_outputs: int
     class_names: list[str]
+    # Regression targets are standardised with train statistics for training;
+    # metrics are reported in the original units: y = label * target_std + target_mean.
+    target_mean: np.ndarray | None = None
+    target_std: np.ndarray | None = None
+
+    def original_units(self, values: np.ndarray) -> np.ndarray:
+        if self.target_mean is None:
+            return values
+        return values * self.target_std + self.target_mean
 
     def report(self) -> str:
         """Sizes and label distribution per split, for the run's log."""
@@ -117,4 +126,10 @@ def load_dataset(cfg: mc.ConfigDict) -> Dataset:
         std = splits["train"].inputs.std(axis=0) + 1e-6
         for s in splits.values():
             s.inputs = ((s.inputs - mean) / std).astype(np.float32)
-    return Dataset(**splits, task=raw.task, num_outputs=num_outputs, class_names=raw.class_names)
+    data = Dataset(**splits, task=raw.task, num_outputs=num_outputs, class_names=raw.class_names)
+    if not classification:
+        data.target_mean = splits["train"].labels.mean(axis=0)
+        data.target_std = splits["train"].labels.std(axis=0) + 1e-6
+        for s in splits.values():
+            s.labels = ((s.labels - data.target_mean) / data.target_std).astype(np.float32)
+    return data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections as mc
 import optax
 
@@ -38,6 +39,26 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _decoupled_weight_decay(rate: float, lr: optax.Schedule) -> optax.GradientTransformation:
+    """Adds ``-lr(step) * rate * param`` to the update (masked), as adamw does.
+
+    optax's adafactor applies its own decay without the learning rate; this keeps
+    ``optim.weight_decay`` meaning the same thing for every optimiser.
+    """
+
+    def init(params):
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params):
+        factor = lr(state.count) * rate
+        updates = jax.tree.map(
+            lambda u, p, decay: u - factor * p if decay else u, updates, params, decay_mask(params)
+        )
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
 def optimizer(cfg: mc.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     lr = schedule(cfg, total_steps)
     if cfg.name == "adamw":
@@ -48,9 +69,7 @@ def optimizer(cfg: mc.ConfigDict, total_steps: int) -> tuple[optax.GradientTrans
             optax.sgd(lr, momentum=cfg.momentum or None),
         )
     elif cfg.name == "adafactor":
-        base = optax.adafactor(
-            lr, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask
-        )
+        base = optax.chain(optax.adafactor(lr), _decoupled_weight_decay(cfg.weight_decay, lr))
     else:
         raise ValueError(f"unknown optimizer {cfg.name!r}")
     if cfg.clip_norm > 0:

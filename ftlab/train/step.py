@@ -55,7 +55,7 @@ def make_train_step(
             loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads), "lr": lr_schedule(state.step)}
         return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
     return train_step

@@ -48,7 +48,9 @@ def get_config(arg=None):
     c.train.eval_every = 10
     c.early_stopping.metric = "val/loss"
     c.early_stopping.mode = "min"
-    c.early_stopping.patience = 0  # train the full budget; restore the best-on-val weights
+    c.early_stopping.patience = (
+        0  # train the full budget; restore the best-on-val weights
+    )
     c.checkpoint.every_steps = 100
 
     c.stages = (
@@ -69,7 +71,15 @@ def get_config(arg=None):
     c.variants = (
         ("scratch", {}),
         ("full", {**PRETRAINED, "optim.lr": 1e-3}),
-        ("linear_probe", {**PRETRAINED, "method.name": "frozen", "method.trainable": ("head/",), "optim.lr": 3e-2}),
+        (
+            "linear_probe",
+            {
+                **PRETRAINED,
+                "method.name": "frozen",
+                "method.trainable": ("head/",),
+                "optim.lr": 3e-2,
+            },
+        ),
         *[
             (
                 f"lora_r{r}",
@@ -91,6 +101,11 @@ def get_config(arg=None):
         c.train.eval_every = 3
         c.train.log_every = 2
         c.checkpoint.every_steps = 3
-        c.stages = (("pretrain", {**c.stages[0][1], "train.num_steps": 6, "train.eval_every": 3}),)
+        c.stages = (
+            (
+                "pretrain",
+                {**c.stages[0][1], "train.num_steps": 6, "train.eval_every": 3},
+            ),
+        )
         c.variant_seeds = (0, 1)
     return c

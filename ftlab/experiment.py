@@ -27,10 +27,18 @@ from ftlab.train.writer import read_metrics
 log = logging.getLogger("ftlab")
 
 
-def derive(cfg: mc.ConfigDict, name: str, overrides: dict, workdir: Path, stage_names: list[str]) -> mc.ConfigDict:
+def derive(
+    cfg: mc.ConfigDict,
+    name: str,
+    overrides: dict,
+    workdir: Path,
+    stage_names: list[str],
+) -> mc.ConfigDict:
     """One run's config: the base plus its overrides, stage references resolved, validated."""
     try:
-        run = override_copy(cfg, {**overrides, "stages": (), "variants": (), "variant_seeds": ()})
+        run = override_copy(
+            cfg, {**overrides, "stages": (), "variants": (), "variant_seeds": ()}
+        )
     except ConfigError as e:
         raise ConfigError(f"run {name!r}: {e}") from None
     ref = run.init.checkpoint
@@ -54,13 +62,21 @@ def run_experiment(cfg: mc.ConfigDict, workdir: str | Path) -> dict:
     stage_names = [name for name, _ in cfg.stages]
     seeds = list(cfg.variant_seeds)
     # Derive (and so validate) every run before the first one starts.
-    stages = [(n, workdir / n, derive(cfg, n, o, workdir, stage_names)) for n, o in cfg.stages]
+    stages = [
+        (n, workdir / n, derive(cfg, n, o, workdir, stage_names)) for n, o in cfg.stages
+    ]
     variants = []
     for name, overrides in cfg.variants:
         for seed in seeds or [None]:
             extra = {} if seed is None else {"seed": seed, "data.split_seed": seed}
             where = workdir / name if seed is None else workdir / name / f"seed_{seed}"
-            variants.append((name, where, derive(cfg, name, {**overrides, **extra}, workdir, stage_names)))
+            variants.append(
+                (
+                    name,
+                    where,
+                    derive(cfg, name, {**overrides, **extra}, workdir, stage_names),
+                )
+            )
     for name, where, run in stages:
         log.info("== stage %s", name)
         train(run, where)
@@ -82,7 +98,9 @@ def _mean_std(values: list[float | None]) -> str | None:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
 
 
-def write_comparison(workdir: Path, results: dict[str, list[dict]], curve_metric: str) -> None:
+def write_comparison(
+    workdir: Path, results: dict[str, list[dict]], curve_metric: str
+) -> None:
     """Markdown table (mean ± std over seeds), JSON of every run, and validation curves."""
     rows = []
     for name, runs in results.items():

@@ -27,7 +27,9 @@ def base_config() -> mc.ConfigDict:
     c.seed = 0
 
     c.data = mc.ConfigDict()
-    c.data.source = "sklearn"  # sklearn (bundled sets) | npz (local arrays: inputs, labels)
+    c.data.source = (
+        "sklearn"  # sklearn (bundled sets) | npz (local arrays: inputs, labels)
+    )
     c.data.name = "digits"  # sklearn set: digits, breast_cancer, wine, iris, diabetes
     c.data.path = ""  # npz file for source=npz
     c.data.classes = ()  # keep only these labels, remapped to 0..k-1 in this order
@@ -46,7 +48,9 @@ def base_config() -> mc.ConfigDict:
     c.model.dropout = 0.0
 
     c.init = mc.ConfigDict()
-    c.init.checkpoint = ""  # parameters saved by a run (its workdir/params), or "stage:NAME"
+    c.init.checkpoint = (
+        ""  # parameters saved by a run (its workdir/params), or "stage:NAME"
+    )
     c.init.reinit = ()  # regexes of leaves that keep their fresh init (a new head)
 
     c.method = mc.ConfigDict()
@@ -55,7 +59,9 @@ def base_config() -> mc.ConfigDict:
     c.method.partial = mc.ConfigDict()
     c.method.partial.last_k = 0  # train the last k blocks
     c.method.partial.blocks = ()  # or the blocks whose paths match these regexes
-    c.method.partial.block_pattern = r"(?:^|/)(?:block|blocks|h|layer|layers)_(\d+)(?:/|$)"
+    c.method.partial.block_pattern = (
+        r"(?:^|/)(?:block|blocks|h|layer|layers)_(\d+)(?:/|$)"
+    )
     c.method.lora = mc.ConfigDict()
     c.method.lora.rank = 4
     c.method.lora.alpha = 8.0
@@ -90,7 +96,9 @@ def base_config() -> mc.ConfigDict:
     c.early_stopping = mc.ConfigDict()
     c.early_stopping.metric = "val/loss"
     c.early_stopping.mode = "min"
-    c.early_stopping.patience = 0  # evaluations without improvement; 0 = never stop early
+    c.early_stopping.patience = (
+        0  # evaluations without improvement; 0 = never stop early
+    )
     c.early_stopping.min_delta = 0.0
     c.early_stopping.restore_best = True
 
@@ -115,7 +123,11 @@ def _one_of(cfg: mc.ConfigDict, key: str, allowed: tuple[str, ...]) -> None:
     value = cfg
     for part in key.split("."):
         value = value[part]
-    _check(value in allowed, key, f"unknown value {value!r}; choose one of {', '.join(allowed)}")
+    _check(
+        value in allowed,
+        key,
+        f"unknown value {value!r}; choose one of {', '.join(allowed)}",
+    )
 
 
 def _regexes(values, key: str) -> None:
@@ -139,8 +151,14 @@ def validate(cfg: mc.ConfigDict) -> None:
         ("early_stopping.mode", ("min", "max")),
     ]:
         _one_of(cfg, key, allowed)
-    _check(cfg.optim.lr > 0, "optim.lr", f"learning rate must be > 0, got {cfg.optim.lr}")
-    _check(cfg.train.batch_size > 0, "train.batch_size", f"must be > 0, got {cfg.train.batch_size}")
+    _check(
+        cfg.optim.lr > 0, "optim.lr", f"learning rate must be > 0, got {cfg.optim.lr}"
+    )
+    _check(
+        cfg.train.batch_size > 0,
+        "train.batch_size",
+        f"must be > 0, got {cfg.train.batch_size}",
+    )
     _check(cfg.train.eval_batch_size > 0, "train.eval_batch_size", "must be > 0")
     _check(cfg.optim.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
     _check(
@@ -156,10 +174,19 @@ def validate(cfg: mc.ConfigDict) -> None:
     _check(cfg.train.num_steps >= 0, "train.num_steps", "must be >= 0")
     _check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    _check(cfg.optim.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 = no clipping)")
-    _check(0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+    _check(
+        cfg.optim.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 = no clipping)"
+    )
+    _check(
+        0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)"
+    )
     _check(0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)")
-    for key in ("train.log_every", "train.eval_every", "checkpoint.every_steps", "checkpoint.keep"):
+    for key in (
+        "train.log_every",
+        "train.eval_every",
+        "checkpoint.every_steps",
+        "checkpoint.keep",
+    ):
         section, name = key.split(".")
         _check(cfg[section][name] > 0, key, f"must be > 0, got {cfg[section][name]}")
     _check(cfg.early_stopping.patience >= 0, "early_stopping.patience", "must be >= 0")
@@ -171,8 +198,16 @@ def validate(cfg: mc.ConfigDict) -> None:
     )
     for key in ("val_fraction", "test_fraction"):
         _check(0 <= cfg.data[key] < 1, f"data.{key}", "must be in [0, 1)")
-    _check(cfg.data.val_fraction > 0, "data.val_fraction", "must be > 0: evaluation needs a validation split")
-    _check(cfg.data.val_fraction + cfg.data.test_fraction < 1, "data.val_fraction", "val + test fractions must be < 1")
+    _check(
+        cfg.data.val_fraction > 0,
+        "data.val_fraction",
+        "must be > 0: evaluation needs a validation split",
+    )
+    _check(
+        cfg.data.val_fraction + cfg.data.test_fraction < 1,
+        "data.val_fraction",
+        "val + test fractions must be < 1",
+    )
     if cfg.data.source == "npz":
         _check(bool(cfg.data.path), "data.path", "source 'npz' needs data.path")
     lora = cfg.method.lora
@@ -180,7 +215,11 @@ def validate(cfg: mc.ConfigDict) -> None:
         _check(lora.rank > 0, "method.lora.rank", f"must be > 0, got {lora.rank}")
         _check(lora.alpha > 0, "method.lora.alpha", f"must be > 0, got {lora.alpha}")
         _check(0 <= lora.dropout < 1, "method.lora.dropout", "must be in [0, 1)")
-        _check(len(lora.targets) > 0, "method.lora.targets", "LoRA needs at least one target regex")
+        _check(
+            len(lora.targets) > 0,
+            "method.lora.targets",
+            "LoRA needs at least one target regex",
+        )
     if cfg.method.name == "frozen":
         _check(
             len(cfg.method.trainable) > 0,
@@ -200,8 +239,12 @@ def validate(cfg: mc.ConfigDict) -> None:
     _regexes((cfg.method.partial.block_pattern,), "method.partial.block_pattern")
     _regexes(cfg.init.reinit, "init.reinit")
     _check(
-        len(set(cfg.variant_seeds)) == len(cfg.variant_seeds), "variant_seeds", "seeds must be unique"
+        len(set(cfg.variant_seeds)) == len(cfg.variant_seeds),
+        "variant_seeds",
+        "seeds must be unique",
     )
     for group in ("stages", "variants"):
         names = [name for name, _ in cfg[group]]
-        _check(len(names) == len(set(names)), group, f"names must be unique, got {names}")
+        _check(
+            len(names) == len(set(names)), group, f"names must be unique, got {names}"
+        )

@@ -6,7 +6,8 @@ slash-joined path; these helpers convert between that view and Flax's nested dic
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flax import traverse_util
@@ -26,4 +27,6 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 def count(tree: Tree) -> int:
     """Number of scalars in a tree of arrays (or of ShapeDtypeStructs)."""
-    return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in flatten(tree).values()))
+    return int(
+        sum(np.prod(leaf.shape, dtype=np.int64) for leaf in flatten(tree).values())
+    )

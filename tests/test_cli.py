@@ -17,9 +17,21 @@ def test_default_experiment_end_to_end_writes_its_files(tmp_path):
     """`python -m ftlab train configs/digits_transfer.py:runlocal` with an absl-style override."""
     workdir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "ftlab", "train", f"--config={CONFIG}:runlocal", "--workdir", str(workdir),
-         "--config.optim.warmup_steps=1"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "ftlab",
+            "train",
+            f"--config={CONFIG}:runlocal",
+            "--workdir",
+            str(workdir),
+            "--config.optim.warmup_steps=1",
+        ],
+        capture_output=True,
+        check=False,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "method lora: trainable" in proc.stderr  # the one-line method summary
@@ -33,9 +45,14 @@ def test_default_experiment_end_to_end_writes_its_files(tmp_path):
             assert len(summary["test"]["confusion_matrix"]) == 5
             config = json.loads((run / "config.json").read_text())
             assert config["optim"]["warmup_steps"] == 1 and config["seed"] == seed
-            assert config["init"]["checkpoint"] in ("", str(workdir / "pretrain" / "params"))
+            assert config["init"]["checkpoint"] in (
+                "",
+                str(workdir / "pretrain" / "params"),
+            )
             lines = (run / "metrics.jsonl").read_text().splitlines()
-            assert any("val/accuracy" in line for line in lines) and any("train/loss" in line for line in lines)
+            assert any("val/accuracy" in line for line in lines) and any(
+                "train/loss" in line for line in lines
+            )
             assert list((run / "tb").glob("events.out.tfevents*"))
             for png in ("learning_curves.png", "confusion_matrix.png"):
                 assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -44,7 +61,11 @@ def test_default_experiment_end_to_end_writes_its_files(tmp_path):
     assert (workdir / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     results = json.loads((workdir / "results.json").read_text())
     lora = results["lora_r2"][0]
-    assert lora["trainable_params"] < results["full"][0]["trainable_params"] == lora["total_params"]
+    assert (
+        lora["trainable_params"]
+        < results["full"][0]["trainable_params"]
+        == lora["total_params"]
+    )
 
 
 def run_cli(args, capsys):
@@ -55,17 +76,39 @@ def run_cli(args, capsys):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("--config.optim.lrr=1e-3", "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
-        ("--config.optim.lr=-0.1", "config.optim.lr: learning rate must be > 0, got -0.1"),
+        (
+            "--config.optim.lrr=1e-3",
+            "unknown config key 'optim.lrr'; did you mean 'optim.lr'?",
+        ),
+        (
+            "--config.optim.lr=-0.1",
+            "config.optim.lr: learning rate must be > 0, got -0.1",
+        ),
         ("--config.train.batch_size=0", "config.train.batch_size: must be > 0, got 0"),
-        ("--config.method.name=lorra", "config.method.name: unknown value 'lorra'; choose one of full, frozen"),
-        ("--config.method.lora.targets=('attn/q_proj',)", "config.method.lora.targets: regex 'attn/q_proj' matches no kernel"),
-        ("--config.method.trainable=('heads/',)", "config.method.trainable: regex 'heads/' matches no parameter"),
+        (
+            "--config.method.name=lorra",
+            "config.method.name: unknown value 'lorra'; choose one of full, frozen",
+        ),
+        (
+            "--config.method.lora.targets=('attn/q_proj',)",
+            "config.method.lora.targets: regex 'attn/q_proj' matches no kernel",
+        ),
+        (
+            "--config.method.trainable=('heads/',)",
+            "config.method.trainable: regex 'heads/' matches no parameter",
+        ),
     ],
 )
 def test_config_errors_exit_2_with_the_key_named(tmp_path, capsys, override, message):
-    extra = ["--config.method.name=lora", "--config.method.lora.targets=('block_0/kernel',)"]
-    args = (extra if "lora.targets" not in override and "method.name" not in override else []) + [override]
+    extra = [
+        "--config.method.name=lora",
+        "--config.method.lora.targets=('block_0/kernel',)",
+    ]
+    args = (
+        extra
+        if "lora.targets" not in override and "method.name" not in override
+        else []
+    ) + [override]
     if "lora.targets" in override:
         args = ["--config.method.name=lora", override]
     code, err = run_cli(["--workdir", str(tmp_path / "w"), *args], capsys)

@@ -25,7 +25,11 @@ from tests.conftest import tiny_config
 METHODS = {
     "full": {},
     "frozen": {"method.name": "frozen", "method.trainable": ("head/",)},
-    "partial": {"method.name": "partial", "method.partial.last_k": 1, "method.trainable": ("head/",)},
+    "partial": {
+        "method.name": "partial",
+        "method.partial.last_k": 1,
+        "method.trainable": ("head/",),
+    },
     "bitfit": {"method.name": "bitfit", "method.trainable": ("head/",)},
     "lora": {
         "method.name": "lora",
@@ -35,14 +39,22 @@ METHODS = {
         "method.lora.dropout": 0.1,
     },
 }
-DEFAULT_MODEL = {"model.features": (16, 32), "model.hidden": (64,)}  # configs/digits_transfer.py's CNN
+DEFAULT_MODEL = {
+    "model.features": (16, 32),
+    "model.hidden": (64,),
+}  # configs/digits_transfer.py's CNN
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """The default CNN pretrained on digits 0-4, as in the default experiment."""
     workdir = tmp_path_factory.mktemp("pretrain")
-    train(tiny_config(**DEFAULT_MODEL, **{"data.classes": (0, 1, 2, 3, 4), "train.num_steps": 60}), workdir)
+    train(
+        tiny_config(
+            **DEFAULT_MODEL, **{"data.classes": (0, 1, 2, 3, 4), "train.num_steps": 60}
+        ),
+        workdir,
+    )
     return workdir / "params"
 
 
@@ -55,16 +67,26 @@ def final_state(workdir, cfg):
     trainable, frozen = method.split(params, jax.random.key(0))
     tx, _ = optim.optimizer(cfg.optim, cfg.train.num_steps)
     target = TrainState.create(trainable, frozen, tx, cfg.seed)
-    ckpts = checkpoint.Checkpoints(workdir / "checkpoints", save_every=cfg.checkpoint.every_steps)
+    ckpts = checkpoint.Checkpoints(
+        workdir / "checkpoints", save_every=cfg.checkpoint.every_steps
+    )
     state, meta = ckpts.restore(target)
     ckpts.close()
     return state, meta, params
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_trains_and_frozen_leaves_stay_bit_identical(tmp_path, name, pretrained):
-    transfer = {"init.checkpoint": str(pretrained), "init.reinit": ("head/",), "train.num_steps": 40}
-    cfg = tiny_config(**DEFAULT_MODEL, **transfer, **{"optim.lr": 3e-2, **METHODS[name]})
+def test_every_method_trains_and_frozen_leaves_stay_bit_identical(
+    tmp_path, name, pretrained
+):
+    transfer = {
+        "init.checkpoint": str(pretrained),
+        "init.reinit": ("head/",),
+        "train.num_steps": 40,
+    }
+    cfg = tiny_config(
+        **DEFAULT_MODEL, **transfer, **{"optim.lr": 3e-2, **METHODS[name]}
+    )
     summary = train(cfg, tmp_path)
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
     first, last = records[0]["train/loss"], records[-1]["train/loss"]
@@ -85,7 +107,9 @@ def test_every_method_trains_and_frozen_leaves_stay_bit_identical(tmp_path, name
 
 
 def test_exact_resume_after_ctrl_c_is_bit_identical(tmp_path):
-    cfg = tiny_config(**{"model.dropout": 0.2, "train.num_steps": 20, "checkpoint.every_steps": 7})
+    cfg = tiny_config(
+        **{"model.dropout": 0.2, "train.num_steps": 20, "checkpoint.every_steps": 7}
+    )
     train(cfg, tmp_path / "straight")
 
     def ctrl_c_at_10(step):
@@ -119,9 +143,15 @@ def test_early_stopping_restores_the_best_weights(tmp_path):
         }
     )
     summary = train(cfg, tmp_path)
-    assert summary["stopped_early"] and summary["steps"] == 15  # evals at 5 (best), 10, 15 (stop)
+    assert (
+        summary["stopped_early"] and summary["steps"] == 15
+    )  # evals at 5 (best), 10, 15 (stop)
     assert summary["best_step"] == 5
-    val_at = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl") if "val/loss" in r}
+    val_at = {
+        r["step"]: r
+        for r in read_metrics(tmp_path / "metrics.jsonl")
+        if "val/loss" in r
+    }
     assert summary["val"]["loss"] == pytest.approx(val_at[5]["val/loss"], rel=1e-6)
     assert summary["val"]["loss"] != pytest.approx(val_at[15]["val/loss"], rel=1e-6)
 
@@ -130,7 +160,9 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(tmp_path):
     rng = np.random.default_rng(0)
     inputs = rng.normal(size=(200, 6)).astype(np.float32)
     labels = (inputs[:, 0] > 0).astype(np.int64)
-    inputs[150:] = np.nan  # with shuffle off, the batches from step 9 on read these rows
+    inputs[150:] = (
+        np.nan
+    )  # with shuffle off, the batches from step 9 on read these rows
     np.savez(tmp_path / "data.npz", inputs=inputs, labels=labels)
     cfg = tiny_config(
         **{
@@ -150,15 +182,19 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(tmp_path):
         }
     )
     data = load_dataset(cfg.data)
-    first_bad = int(np.argmax(np.isnan(data.train.inputs).any(axis=1))) // cfg.train.batch_size
-    with pytest.raises(NonFiniteLossError, match=rf"non-finite loss at step {first_bad + 1}"):
+    first_bad = (
+        int(np.argmax(np.isnan(data.train.inputs).any(axis=1))) // cfg.train.batch_size
+    )
+    with pytest.raises(
+        NonFiniteLossError, match=rf"non-finite loss at step {first_bad + 1}"
+    ):
         train(cfg, tmp_path / "run")
     ckpt_dir = tmp_path / "run" / "checkpoints"
     ckpts = checkpoint.Checkpoints(ckpt_dir, save_every=4)
     last = ckpts.latest_step()
     ckpts.close()
     assert last == (first_bad // 4) * 4 and last > 0
-    state, meta, _ = final_state(tmp_path / "run", cfg)
+    state, _meta, _ = final_state(tmp_path / "run", cfg)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.trainable))
     assert not (tmp_path / "run" / "summary.json").exists()
 
@@ -175,7 +211,11 @@ def test_gradient_accumulation_matches_the_full_batch():
     batch = {"inputs": data.train.inputs[:16], "labels": data.train.labels[:16]}
     outs = []
     for accum in (1, 4):
-        step = jax.jit(make_train_step(model, method, tx, optax.constant_schedule(0.1), loss, accum))
+        step = jax.jit(
+            make_train_step(
+                model, method, tx, optax.constant_schedule(0.1), loss, accum
+            )
+        )
         outs.append(step(TrainState.create(trainable, frozen, tx, 0), batch))
     (s1, m1), (s4, m4) = outs
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
@@ -191,12 +231,18 @@ def test_metrics_cover_the_whole_split_not_the_last_batch():
     method = build_method(cfg.method, params)
     trainable, frozen = method.split(params, jax.random.key(0))
     state = TrainState.create(trainable, frozen, optax.sgd(0.1), 0)
-    eval_step = jax.jit(make_eval_step(model, method, losses.per_example_loss("cross_entropy")))
-    batched = evaluate(eval_step, state, data.val, data, batch_size=32)  # 32 does not divide the split
+    eval_step = jax.jit(
+        make_eval_step(model, method, losses.per_example_loss("cross_entropy"))
+    )
+    batched = evaluate(
+        eval_step, state, data.val, data, batch_size=32
+    )  # 32 does not divide the split
     assert len(data.val) % 32 != 0
     logits = model.apply({"params": params}, data.val.inputs)
     preds = np.asarray(logits).argmax(-1)
-    assert batched["accuracy"] == pytest.approx(float(np.mean(preds == data.val.labels)))
+    assert batched["accuracy"] == pytest.approx(
+        float(np.mean(preds == data.val.labels))
+    )
     assert np.sum(batched["confusion_matrix"]) == len(data.val)
     ce = losses.per_example_loss("cross_entropy")(logits, {"labels": data.val.labels})
     assert batched["loss"] == pytest.approx(float(np.mean(ce)), rel=1e-5)
@@ -239,6 +285,10 @@ def test_init_from_pretrained_checkpoint(tmp_path):
     state, _, _ = final_state(tmp_path / "ft", ft)
     for path, leaf in tree.flatten(state.frozen).items():
         np.testing.assert_array_equal(leaf, saved[path], err_msg=path)
-    bad = tiny_config(**{"init.checkpoint": str(tmp_path / "pre" / "params"), "model.hidden": (8,)})
-    with pytest.raises(ConfigError, match=r"'block_2/(kernel|bias)' has shape .* add it to init.reinit"):
+    bad = tiny_config(
+        **{"init.checkpoint": str(tmp_path / "pre" / "params"), "model.hidden": (8,)}
+    )
+    with pytest.raises(
+        ConfigError, match=r"'block_2/(kernel|bias)' has shape .* add it to init.reinit"
+    ):
         train(bad, tmp_path / "bad")

@@ -6,7 +6,7 @@ state to checkpoint. Each epoch is a fresh permutation; the last partial batch i
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -23,10 +23,16 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return num_examples // batch_size
 
 
-def train_batch(split: Split, step: int, batch_size: int, seed: int, shuffle: bool = True) -> dict:
+def train_batch(
+    split: Split, step: int, batch_size: int, seed: int, shuffle: bool = True
+) -> dict:
     per_epoch = steps_per_epoch(len(split), batch_size)
     epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(len(split)) if shuffle else np.arange(len(split))
+    order = (
+        np.random.default_rng([seed, epoch]).permutation(len(split))
+        if shuffle
+        else np.arange(len(split))
+    )
     index = order[i * batch_size : (i + 1) * batch_size]
     return {"inputs": split.inputs[index], "labels": split.labels[index]}
 
@@ -41,5 +47,7 @@ def eval_batches(split: Split, batch_size: int) -> Iterator[dict]:
         yield {
             "inputs": split.inputs[padded],
             "labels": split.labels[padded],
-            "weights": np.concatenate([np.ones(len(index)), np.zeros(pad)]).astype(np.float32),
+            "weights": np.concatenate([np.ones(len(index)), np.zeros(pad)]).astype(
+                np.float32
+            ),
         }

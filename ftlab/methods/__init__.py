@@ -12,10 +12,11 @@ Trainable tree layout: ``{"params": <trained base leaves, nested>, "lora": {<ker
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-import jax
 import flax.linen as nn
+import jax
 import ml_collections as mc
 
 from ftlab import tree
@@ -44,18 +45,24 @@ class Method:
             )
         trainable = {
             "params": tree.unflatten({p: v for p, v in flat.items() if p in trained}),
-            "lora": tree.unflatten({f"{p}/{k}": v for p, f in factors.items() for k, v in f.items()}),
+            "lora": tree.unflatten(
+                {f"{p}/{k}": v for p, f in factors.items() for k, v in f.items()}
+            ),
         }
         frozen = tree.unflatten({p: v for p, v in flat.items() if p not in trained})
         return trainable, frozen
 
     def base_params(self, trainable: Mapping, frozen: Mapping) -> dict:
         """The base tree the model sees (without LoRA factors)."""
-        return tree.unflatten({**tree.flatten(frozen), **tree.flatten(trainable["params"])})
+        return tree.unflatten(
+            {**tree.flatten(frozen), **tree.flatten(trainable["params"])}
+        )
 
     def _factors(self, trainable: Mapping) -> dict[str, dict]:
         flat = tree.flatten(trainable.get("lora", {}))
-        return {p: {"a": flat[f"{p}/a"], "b": flat[f"{p}/b"]} for p in self.lora_targets}
+        return {
+            p: {"a": flat[f"{p}/a"], "b": flat[f"{p}/b"]} for p in self.lora_targets
+        }
 
     def merged_params(self, trainable: Mapping, frozen: Mapping) -> dict:
         """Base parameters with LoRA folded in: a plain model tree for export and evaluation."""
@@ -77,8 +84,14 @@ class Method:
     ) -> Any:
         """``model.apply`` on the combined tree; LoRA runs factored inside its layers."""
         params = self.base_params(trainable, frozen)
-        rngs = {"dropout": jax.random.fold_in(rng, 0)} if (train and rng is not None) else {}
-        call: Callable[[], Any] = lambda: model.apply({"params": params}, inputs, train=train, rngs=rngs)
+        rngs = (
+            {"dropout": jax.random.fold_in(rng, 0)}
+            if (train and rng is not None)
+            else {}
+        )
+        call: Callable[[], Any] = lambda: model.apply(
+            {"params": params}, inputs, train=train, rngs=rngs
+        )
         if not self.lora_targets:
             return call()
         factors = {p.rsplit("/", 1)[0]: f for p, f in self._factors(trainable).items()}
@@ -91,8 +104,8 @@ class Method:
         n_train = tree.count(trainable)
         n_total = tree.count(frozen) + tree.count(trainable["params"])
         parts = [
-            f"method {self.name}: trainable {n_train:,} / {n_total:,} parameters "
-            f"({100.0 * n_train / max(n_total, 1):.2f}%)"
+            (f"method {self.name}: trainable {n_train:,} / {n_total:,} parameters "
+            f"({100.0 * n_train / max(n_total, 1):.2f}%)")
         ]
         if self.trained:
             parts.append("trained: " + ", ".join(sorted(self.trained)))
@@ -123,7 +136,12 @@ def build_method(cfg: mc.ConfigDict, params: Mapping) -> Method:
     elif cfg.name == "bitfit":
         trained |= select.biases(paths)
     elif cfg.name == "lora":
-        spec = LoraSpec(cfg.lora.rank, float(cfg.lora.alpha), float(cfg.lora.dropout), cfg.lora.rslora)
+        spec = LoraSpec(
+            cfg.lora.rank,
+            float(cfg.lora.alpha),
+            float(cfg.lora.dropout),
+            cfg.lora.rslora,
+        )
         kernels = [p for p in paths if p.rsplit("/", 1)[-1] == "kernel"]
         for pattern in cfg.lora.targets:
             hits = select.matching(kernels, pattern)

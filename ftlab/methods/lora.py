@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -46,7 +47,9 @@ def check_target(path: str, shape: tuple[int, ...], rank: int) -> None:
         )
 
 
-def init_factors(rng: jax.Array, shape: tuple[int, ...], rank: int) -> dict[str, jax.Array]:
+def init_factors(
+    rng: jax.Array, shape: tuple[int, ...], rank: int
+) -> dict[str, jax.Array]:
     """``a`` ~ U(+-1/sqrt(fan_in)) of shape (*kernel.shape[:-1], r) (as PEFT), ``b`` = 0 of (r, out)."""
     fan_in = int(np.prod(shape[:-1]))
     bound = 1.0 / math.sqrt(fan_in)
@@ -59,7 +62,9 @@ def delta(factors: Mapping[str, jax.Array], scale: float) -> jax.Array:
     return scale * jnp.tensordot(factors["a"], factors["b"], axes=1)
 
 
-def merge(flat_params: Mapping[str, Any], flat_lora: Mapping[str, Mapping], scale: float) -> dict:
+def merge(
+    flat_params: Mapping[str, Any], flat_lora: Mapping[str, Mapping], scale: float
+) -> dict:
     """Flat parameters with every adapted kernel replaced by ``W + s * a @ b``."""
     merged = dict(flat_params)
     for path, factors in flat_lora.items():
@@ -90,7 +95,9 @@ def interceptor(
         x = args[0]
         if dropout_rng is not None and spec.dropout > 0:
             keep = jax.random.bernoulli(
-                jax.random.fold_in(dropout_rng, order[name]), 1.0 - spec.dropout, x.shape
+                jax.random.fold_in(dropout_rng, order[name]),
+                1.0 - spec.dropout,
+                x.shape,
             )
             x = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
         a, b = factors["a"].astype(y.dtype), factors["b"].astype(y.dtype)

@@ -12,7 +12,11 @@ def build_model(cfg: mc.ConfigDict, num_outputs: int, dtype: jnp.dtype):
     """The module named by ``cfg.name``, computing in ``dtype`` (parameters stay float32)."""
     if cfg.name == "cnn":
         return SmallCNN(
-            num_outputs, tuple(cfg.features), tuple(cfg.hidden), dropout=cfg.dropout, dtype=dtype
+            num_outputs,
+            tuple(cfg.features),
+            tuple(cfg.hidden),
+            dropout=cfg.dropout,
+            dtype=dtype,
         )
     if cfg.name == "mlp":
         return MLP(num_outputs, tuple(cfg.hidden), dropout=cfg.dropout, dtype=dtype)

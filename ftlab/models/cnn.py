@@ -6,7 +6,7 @@ Blocks are named ``block_<i>`` and the classifier ``head`` so that method regexe
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -34,7 +34,9 @@ class SmallCNN(nn.Module):
                 x = nn.avg_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
         for j, width in enumerate(self.hidden):
-            x = nn.Dense(width, dtype=self.dtype, name=f"block_{len(self.features) + j}")(x)
+            x = nn.Dense(
+                width, dtype=self.dtype, name=f"block_{len(self.features) + j}"
+            )(x)
             x = nn.relu(x)
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)

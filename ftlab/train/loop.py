@@ -12,8 +12,8 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -83,11 +83,17 @@ def init_params(cfg: mc.ConfigDict, model, sample: np.ndarray) -> dict:
                 f"{value.shape} in the model; add it to init.reinit (a new head, say)"
             )
         flat[path] = jnp.asarray(pretrained[path], value.dtype)
-    log.info("initialised from %s (kept fresh: %s)", cfg.init.checkpoint, ", ".join(sorted(fresh)) or "none")
+    log.info(
+        "initialised from %s (kept fresh: %s)",
+        cfg.init.checkpoint,
+        ", ".join(sorted(fresh)) or "none",
+    )
     return tree.unflatten(flat)
 
 
-def evaluate(eval_step, state: TrainState, split: Split, data: Dataset, batch_size: int) -> dict:
+def evaluate(
+    eval_step, state: TrainState, split: Split, data: Dataset, batch_size: int
+) -> dict:
     """Loss and task metrics over the whole split."""
     outputs, loss = [], []
     for batch in eval_batches(split, batch_size):
@@ -98,10 +104,16 @@ def evaluate(eval_step, state: TrainState, split: Split, data: Dataset, batch_si
     outputs, loss = np.concatenate(outputs), np.concatenate(loss)
     result = {"loss": float(loss.mean())}
     if data.task == "classification":
-        result.update(metrics_lib.classification_metrics(split.labels, outputs.argmax(-1), data.num_outputs))
+        result.update(
+            metrics_lib.classification_metrics(
+                split.labels, outputs.argmax(-1), data.num_outputs
+            )
+        )
     else:
         result.update(
-            metrics_lib.regression_metrics(data.original_units(split.labels), data.original_units(outputs))
+            metrics_lib.regression_metrics(
+                data.original_units(split.labels), data.original_units(outputs)
+            )
         )
     return result
 
@@ -133,7 +145,12 @@ class _EarlyStopping:
         return False
 
     def meta(self) -> dict:
-        return {"best_value": self.best, "best_step": self.best_step, "bad_evals": self.bad, "stopped": self.stopped}
+        return {
+            "best_value": self.best,
+            "best_step": self.best_step,
+            "bad_evals": self.bad,
+            "stopped": self.stopped,
+        }
 
 
 class _Interrupt:
@@ -155,14 +172,21 @@ class _Interrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
+        log.warning(
+            "interrupt: saving a checkpoint after this step (Ctrl-C again to abort)"
+        )
 
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def train(cfg: mc.ConfigDict, workdir: str | Path, *, on_step: Callable[[int], None] | None = None) -> dict:
+def train(
+    cfg: mc.ConfigDict,
+    workdir: str | Path,
+    *,
+    on_step: Callable[[int], None] | None = None,
+) -> dict:
     """Run (or resume) the experiment described by ``cfg`` in ``workdir``; returns the summary."""
     start_time = time.time()
     validate(cfg)
@@ -193,7 +217,8 @@ def train(cfg: mc.ConfigDict, workdir: str | Path, *, on_step: Callable[[int], N
     log.info("%s", method.summary(state.trainable, state.frozen))
     loss_fn = losses.per_example_loss(cfg.train.loss, cfg.train.label_smoothing)
     train_step = jax.jit(
-        make_train_step(model, method, tx, lr_schedule, loss_fn, cfg.optim.accum_steps), donate_argnums=0
+        make_train_step(model, method, tx, lr_schedule, loss_fn, cfg.optim.accum_steps),
+        donate_argnums=0,
     )
     eval_step = jax.jit(make_eval_step(model, method, loss_fn))
 
@@ -218,7 +243,13 @@ def train(cfg: mc.ConfigDict, workdir: str | Path, *, on_step: Callable[[int], N
     step = int(state.step)
     pending: list[tuple[int, dict]] = []
     window_start, window_steps = time.time(), 0
-    bar = tqdm(total=total_steps, initial=step, desc=workdir.name, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc=workdir.name,
+        unit="step",
+        dynamic_ncols=True,
+    )
 
     def flush() -> None:
         """Fetch the queued step metrics, stop on a non-finite value, log their mean."""
@@ -235,7 +266,9 @@ def train(cfg: mc.ConfigDict, workdir: str | Path, *, on_step: Callable[[int], N
                     f"is step {ckpts.latest_step()} in {workdir / 'checkpoints'}; lower optim.lr or "
                     "check the data"
                 )
-        rate = window_steps * cfg.train.batch_size / max(time.time() - window_start, 1e-9)
+        rate = (
+            window_steps * cfg.train.batch_size / max(time.time() - window_start, 1e-9)
+        )
         record = {
             "train/loss": float(np.mean([m["loss"] for m in fetched])),
             "train/grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
@@ -243,7 +276,11 @@ def train(cfg: mc.ConfigDict, workdir: str | Path, *, on_step: Callable[[int], N
             "train/examples_per_sec": rate,
         }
         writer.write(pending[-1][0], record)
-        bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/lr']:.2e}", ex_s=f"{rate:.0f}")
+        bar.set_postfix(
+            loss=f"{record['train/loss']:.4f}",
+            lr=f"{record['train/lr']:.2e}",
+            ex_s=f"{rate:.0f}",
+        )
         pending, window_start, window_steps = [], time.time(), 0
 
     def save(force: bool = False) -> None:
@@ -254,7 +291,9 @@ def train(cfg: mc.ConfigDict, workdir: str | Path, *, on_step: Callable[[int], N
 
     with _Interrupt() as interrupt:
         while step < total_steps and not stopper.stopped:
-            batch = train_batch(data.train, step, cfg.train.batch_size, cfg.seed, cfg.data.shuffle)
+            batch = train_batch(
+                data.train, step, cfg.train.batch_size, cfg.seed, cfg.data.shuffle
+            )
             state, step_metrics = train_step(state, batch)
             step += 1
             window_steps += 1
@@ -264,7 +303,9 @@ def train(cfg: mc.ConfigDict, workdir: str | Path, *, on_step: Callable[[int], N
                 flush()
             if step % cfg.train.eval_every == 0 or step == total_steps:
                 flush()
-                val = evaluate(eval_step, state, data.val, data, cfg.train.eval_batch_size)
+                val = evaluate(
+                    eval_step, state, data.val, data, cfg.train.eval_batch_size
+                )
                 writer.write(step, metrics_lib.scalars(val, "val"))
                 scalars = metrics_lib.scalars(val, "val")
                 if es_cfg.metric not in scalars:
@@ -275,8 +316,13 @@ def train(cfg: mc.ConfigDict, workdir: str | Path, *, on_step: Callable[[int], N
                 if stopper.update(step, scalars[es_cfg.metric]):
                     ckpts.save_best(step, state, stopper.meta(), scalars)
                 if stopper.stopped:
-                    log.info("early stopping at step %d: best %s %.4f at step %d", step, es_cfg.metric,
-                             stopper.best, stopper.best_step)
+                    log.info(
+                        "early stopping at step %d: best %s %.4f at step %d",
+                        step,
+                        es_cfg.metric,
+                        stopper.best,
+                        stopper.best_step,
+                    )
             if step % cfg.checkpoint.every_steps == 0:
                 save()
             if on_step is not None:
@@ -285,7 +331,10 @@ def train(cfg: mc.ConfigDict, workdir: str | Path, *, on_step: Callable[[int], N
                 save(force=True)
                 ckpts.wait()
                 bar.close()
-                log.warning("checkpoint saved at step %d; run the same command again to resume", step)
+                log.warning(
+                    "checkpoint saved at step %d; run the same command again to resume",
+                    step,
+                )
                 raise KeyboardInterrupt
     save(force=True)
     bar.close()
@@ -295,11 +344,23 @@ def train(cfg: mc.ConfigDict, workdir: str | Path, *, on_step: Callable[[int], N
     best_step = step
     if es_cfg.restore_best and ckpts.best_step() is not None:
         state, _, best_step = ckpts.restore_best(state)
-        log.info("restored the best weights (step %d, %s %.4f)", best_step, es_cfg.metric, stopper.best)
+        log.info(
+            "restored the best weights (step %d, %s %.4f)",
+            best_step,
+            es_cfg.metric,
+            stopper.best,
+        )
     val = evaluate(eval_step, state, data.val, data, cfg.train.eval_batch_size)
-    test = evaluate(eval_step, state, data.test, data, cfg.train.eval_batch_size) if len(data.test) else {}
+    test = (
+        evaluate(eval_step, state, data.test, data, cfg.train.eval_batch_size)
+        if len(data.test)
+        else {}
+    )
     ckpts.close()
-    writer.write(step, {**metrics_lib.scalars(val, "final_val"), **metrics_lib.scalars(test, "test")})
+    writer.write(
+        step,
+        {**metrics_lib.scalars(val, "final_val"), **metrics_lib.scalars(test, "test")},
+    )
     writer.close()
 
     n_trainable = tree.count(state.trainable)
@@ -310,7 +371,8 @@ def train(cfg: mc.ConfigDict, workdir: str | Path, *, on_step: Callable[[int], N
         "method": cfg.method.name,
         "method_summary": method.summary(state.trainable, state.frozen),
         "trainable_params": n_trainable,
-        "total_params": tree.count(state.frozen) + tree.count(state.trainable["params"]),
+        "total_params": tree.count(state.frozen)
+        + tree.count(state.trainable["params"]),
         "wall_time_s": time.time() - start_time,
         "val": val,
         "test": test,
@@ -321,17 +383,27 @@ def train(cfg: mc.ConfigDict, workdir: str | Path, *, on_step: Callable[[int], N
     return summary
 
 
-def _write_outputs(workdir: Path, summary: dict, data: Dataset, method: Method, state: TrainState) -> None:
+def _write_outputs(
+    workdir: Path, summary: dict, data: Dataset, method: Method, state: TrainState
+) -> None:
     """summary.json, plots, and the final parameters (LoRA merged) for later stages/export."""
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    plots.plot_history(read_metrics(workdir / "metrics.jsonl"), workdir / "learning_curves.png", workdir.name)
+    plots.plot_history(
+        read_metrics(workdir / "metrics.jsonl"),
+        workdir / "learning_curves.png",
+        workdir.name,
+    )
     final = summary["test"] or summary["val"]
     if "confusion_matrix" in final:
         split = "test" if summary["test"] else "val"
         plots.plot_confusion_matrix(
-            np.array(final["confusion_matrix"]), data.class_names, workdir / "confusion_matrix.png",
+            np.array(final["confusion_matrix"]),
+            data.class_names,
+            workdir / "confusion_matrix.png",
             f"{workdir.name}: {split} confusion matrix",
         )
     params_dir = workdir / "params"
     if not params_dir.exists():
-        checkpoint.save_pytree(params_dir, jax.jit(method.merged_params)(state.trainable, state.frozen))
+        checkpoint.save_pytree(
+            params_dir, jax.jit(method.merged_params)(state.trainable, state.frozen)
+        )

@@ -6,7 +6,7 @@ batches exact; losses are computed in float32 whatever the compute dtype.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,9 @@ import optax
 LossFn = Callable[[jax.Array, dict], tuple[jax.Array, jax.Array]]
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+) -> jax.Array:
     """Per-example softmax cross-entropy with (optional) label smoothing."""
     logits = logits.astype(jnp.float32)
     targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
@@ -39,10 +41,14 @@ def squared_error(outputs: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.sum((outputs - targets.reshape(outputs.shape)) ** 2, axis=-1)
 
 
-def per_example_loss(name: str, label_smoothing: float = 0.0) -> Callable[[jax.Array, dict], jax.Array]:
+def per_example_loss(
+    name: str, label_smoothing: float = 0.0
+) -> Callable[[jax.Array, dict], jax.Array]:
     """The configured loss as ``(outputs, batch) -> per-example losses``."""
     if name == "cross_entropy":
-        return lambda logits, batch: cross_entropy(logits, batch["labels"], label_smoothing)
+        return lambda logits, batch: cross_entropy(
+            logits, batch["labels"], label_smoothing
+        )
     if name == "mse":
         return lambda outputs, batch: squared_error(outputs, batch["labels"])
     raise ValueError(f"unknown loss {name!r}")

@@ -8,7 +8,6 @@ import ml_collections as mc
 import optax
 
 
-
 def schedule(cfg: mc.ConfigDict, total_steps: int) -> optax.Schedule:
     """Linear warm-up from 0, then constant, cosine or linear decay to ``lr * final_lr_fraction``."""
     warmup = min(cfg.warmup_steps, total_steps)
@@ -17,14 +16,18 @@ def schedule(cfg: mc.ConfigDict, total_steps: int) -> optax.Schedule:
     if cfg.schedule == "constant":
         main = optax.constant_schedule(cfg.lr)
     elif cfg.schedule == "cosine":
-        main = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.final_lr_fraction)
+        main = optax.cosine_decay_schedule(
+            cfg.lr, decay_steps, alpha=cfg.final_lr_fraction
+        )
     elif cfg.schedule == "linear":
         main = optax.linear_schedule(cfg.lr, end, decay_steps)
     else:
         raise ValueError(f"unknown schedule {cfg.schedule!r}")
     if warmup == 0:
         return main
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup])
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup]
+    )
 
 
 def decay_mask(params):
@@ -32,14 +35,18 @@ def decay_mask(params):
 
     def decays(path, leaf) -> bool:
         names = [str(getattr(k, "key", k)) for k in path]
-        return leaf.ndim > 1 and names[-1] not in ("bias", "scale") and not any(
-            "norm" in n.lower() for n in names
+        return (
+            leaf.ndim > 1
+            and names[-1] not in ("bias", "scale")
+            and not any("norm" in n.lower() for n in names)
         )
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def _decoupled_weight_decay(rate: float, lr: optax.Schedule) -> optax.GradientTransformation:
+def _decoupled_weight_decay(
+    rate: float, lr: optax.Schedule
+) -> optax.GradientTransformation:
     """Adds ``-lr(step) * rate * param`` to the update (masked), as adamw does.
 
     optax's adafactor applies its own decay without the learning rate; this keeps
@@ -52,24 +59,35 @@ def _decoupled_weight_decay(rate: float, lr: optax.Schedule) -> optax.GradientTr
     def update(updates, state, params):
         factor = lr(state.count) * rate
         updates = jax.tree.map(
-            lambda u, p, decay: u - factor * p if decay else u, updates, params, decay_mask(params)
+            lambda u, p, decay: u - factor * p if decay else u,
+            updates,
+            params,
+            decay_mask(params),
         )
-        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+        return updates, optax.ScaleByScheduleState(
+            count=optax.safe_increment(state.count)
+        )
 
     return optax.GradientTransformation(init, update)
 
 
-def optimizer(cfg: mc.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def optimizer(
+    cfg: mc.ConfigDict, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     lr = schedule(cfg, total_steps)
     if cfg.name == "adamw":
-        base = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+        base = optax.adamw(
+            lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask
+        )
     elif cfg.name == "sgd":
         base = optax.chain(
             optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
             optax.sgd(lr, momentum=cfg.momentum or None),
         )
     elif cfg.name == "adafactor":
-        base = optax.chain(optax.adafactor(lr), _decoupled_weight_decay(cfg.weight_decay, lr))
+        base = optax.chain(
+            optax.adafactor(lr), _decoupled_weight_decay(cfg.weight_decay, lr)
+        )
     else:
         raise ValueError(f"unknown optimizer {cfg.name!r}")
     if cfg.clip_norm > 0:

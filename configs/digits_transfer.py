@@ -48,9 +48,7 @@ def get_config(arg=None):
     c.train.eval_every = 10
     c.early_stopping.metric = "val/loss"
     c.early_stopping.mode = "min"
-    c.early_stopping.patience = (
-        0  # train the full budget; restore the best-on-val weights
-    )
+    c.early_stopping.patience = 0  # train the full budget; restore the best-on-val weights
     c.checkpoint.every_steps = 100
 
     c.stages = (

@@ -142,18 +142,14 @@ class Checkpoints:
             }
         )
 
-    def save(
-        self, step: int, state: Any, meta: Mapping[str, Any], *, force: bool = False
-    ) -> bool:
+    def save(self, step: int, state: Any, meta: Mapping[str, Any], *, force: bool = False) -> bool:
         """Save into "last" when ``step % save_every == 0`` (or ``force``).
 
         Returns whether a save was started (async when ``async_save``). A step at
         or below the latest saved one is skipped (False) unless ``force``; forcing
         a step that already exists raises Orbax's ``StepAlreadyExistsError``.
         """
-        return bool(
-            self._last.save(int(step), args=self._args(state, meta), force=force)
-        )
+        return bool(self._last.save(int(step), args=self._args(state, meta), force=force))
 
     def _is_better(self, value: float) -> bool:
         if math.isnan(value):
@@ -176,9 +172,7 @@ class Checkpoints:
         Returns whether a save was started. Ties and NaN do not count as better.
         """
         if self._best is None:
-            raise ValueError(
-                "save_best needs Checkpoints(..., best_metric=...) to be set"
-            )
+            raise ValueError("save_best needs Checkpoints(..., best_metric=...) to be set")
         if self.best_metric not in metrics:
             raise ValueError(
                 f"best metric {self.best_metric!r} not in metrics; "
@@ -191,14 +185,10 @@ class Checkpoints:
         step = int(step)
         if step in self._best.all_steps():
             # e.g. re-evaluating the same step after a resume; never overwrite.
-            logger.warning(
-                "best checkpoint for step %d already exists; not overwriting", step
-            )
+            logger.warning("best checkpoint for step %d already exists; not overwriting", step)
             return False
         saved = bool(
-            self._best.save(
-                step, args=self._args(state, meta), metrics=metrics, force=True
-            )
+            self._best.save(step, args=self._args(state, meta), metrics=metrics, force=True)
         )
         if saved:
             self._best_value = value
@@ -220,9 +210,7 @@ class Checkpoints:
 
     # ------------------------------------------------------------------ restoring
     @staticmethod
-    def _restore(
-        mngr: ocp.CheckpointManager, target: Any, step: int
-    ) -> tuple[Any, dict]:
+    def _restore(mngr: ocp.CheckpointManager, target: Any, step: int) -> tuple[Any, dict]:
         if step not in mngr.all_steps():
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {mngr.directory}; "
@@ -252,9 +240,7 @@ class Checkpoints:
     def restore_best(self, target: Any) -> tuple[Any, dict, int]:
         """Restore the best checkpoint. Returns ``(state, meta, step)``."""
         if self._best is None:
-            raise ValueError(
-                "restore_best needs Checkpoints(..., best_metric=...) to be set"
-            )
+            raise ValueError("restore_best needs Checkpoints(..., best_metric=...) to be set")
         self._best.wait_until_finished()
         step = self._best.best_step()
         if step is None:

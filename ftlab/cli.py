@@ -18,9 +18,7 @@ from ftlab.config import ConfigError, apply_overrides, load_config, split_config
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ftlab", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser(
-        "train", help="train (or resume) the experiment of a config file"
-    )
+    t = sub.add_parser("train", help="train (or resume) the experiment of a config file")
     t.add_argument("config_file", nargs="?", help="path/to/config.py[:arg]")
     t.add_argument("--workdir", help="output folder (default: runs/<config name>)")
     return p
@@ -47,14 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         spec, overrides, rest = split_config_args(argv)
         args = _parser().parse_args(rest)
         if args.config_file and spec:
-            raise ConfigError(
-                "give the config either positionally or as --config=..., not both"
-            )
+            raise ConfigError("give the config either positionally or as --config=..., not both")
         spec = spec or args.config_file
         if not spec:
-            raise ConfigError(
-                "no config file given: ftlab train configs/NAME.py [--workdir DIR]"
-            )
+            raise ConfigError("no config file given: ftlab train configs/NAME.py [--workdir DIR]")
         cfg = apply_overrides(load_config(spec), overrides)
         workdir = Path(args.workdir or Path("runs") / Path(spec.split(":")[0]).stem)
         from ftlab.experiment import (

@@ -71,8 +71,7 @@ def _call_get_config(get_config: Any, arg: str | None, path: str) -> Any:
     if arg is not None:
         if params == []:
             raise ConfigError(
-                f"get_config() in config file '{path}' takes no argument, "
-                f"but ':{arg}' was given"
+                f"get_config() in config file '{path}' takes no argument, but ':{arg}' was given"
             )
         return get_config(arg)
     if params:
@@ -93,9 +92,7 @@ def load_config(spec: str) -> ConfigDict:
     mod_name = f"_ftlab_config_{path.stem}_{next(_module_counter)}"
     mod_spec = importlib.util.spec_from_file_location(mod_name, path)
     if mod_spec is None or mod_spec.loader is None:
-        raise ConfigError(
-            f"cannot import config file '{path_str}' (expected a .py file)"
-        )
+        raise ConfigError(f"cannot import config file '{path_str}' (expected a .py file)")
     module = importlib.util.module_from_spec(mod_spec)
     # Registered so that dataclasses/pickling inside the config file work.
     sys.modules[mod_name] = module
@@ -103,9 +100,7 @@ def load_config(spec: str) -> ConfigDict:
         mod_spec.loader.exec_module(module)
     except Exception as e:
         sys.modules.pop(mod_name, None)
-        raise ConfigError(
-            f"error while importing config file '{path_str}': {e!r}"
-        ) from e
+        raise ConfigError(f"error while importing config file '{path_str}': {e!r}") from e
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
         raise ConfigError(f"config file '{path_str}' does not define get_config()")
@@ -114,9 +109,7 @@ def load_config(spec: str) -> ConfigDict:
     except ConfigError:
         raise
     except Exception as e:
-        raise ConfigError(
-            f"get_config() in config file '{path_str}' failed: {e!r}"
-        ) from e
+        raise ConfigError(f"get_config() in config file '{path_str}' failed: {e!r}") from e
     if isinstance(cfg, _cd.FrozenConfigDict):
         cfg = cfg.as_configdict()
     if not isinstance(cfg, ConfigDict):

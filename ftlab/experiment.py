@@ -36,9 +36,7 @@ def derive(
 ) -> mc.ConfigDict:
     """One run's config: the base plus its overrides, stage references resolved, validated."""
     try:
-        run = override_copy(
-            cfg, {**overrides, "stages": (), "variants": (), "variant_seeds": ()}
-        )
+        run = override_copy(cfg, {**overrides, "stages": (), "variants": (), "variant_seeds": ()})
     except ConfigError as e:
         raise ConfigError(f"run {name!r}: {e}") from None
     ref = run.init.checkpoint
@@ -62,9 +60,7 @@ def run_experiment(cfg: mc.ConfigDict, workdir: str | Path) -> dict:
     stage_names = [name for name, _ in cfg.stages]
     seeds = list(cfg.variant_seeds)
     # Derive (and so validate) every run before the first one starts.
-    stages = [
-        (n, workdir / n, derive(cfg, n, o, workdir, stage_names)) for n, o in cfg.stages
-    ]
+    stages = [(n, workdir / n, derive(cfg, n, o, workdir, stage_names)) for n, o in cfg.stages]
     variants = []
     for name, overrides in cfg.variants:
         for seed in seeds or [None]:
@@ -98,9 +94,7 @@ def _mean_std(values: list[float | None]) -> str | None:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
 
 
-def write_comparison(
-    workdir: Path, results: dict[str, list[dict]], curve_metric: str
-) -> None:
+def write_comparison(workdir: Path, results: dict[str, list[dict]], curve_metric: str) -> None:
     """Markdown table (mean ± std over seeds), JSON of every run, and validation curves."""
     rows = []
     for name, runs in results.items():

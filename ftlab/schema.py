@@ -27,9 +27,7 @@ def base_config() -> mc.ConfigDict:
     c.seed = 0
 
     c.data = mc.ConfigDict()
-    c.data.source = (
-        "sklearn"  # sklearn (bundled sets) | npz (local arrays: inputs, labels)
-    )
+    c.data.source = "sklearn"  # sklearn (bundled sets) | npz (local arrays: inputs, labels)
     c.data.name = "digits"  # sklearn set: digits, breast_cancer, wine, iris, diabetes
     c.data.path = ""  # npz file for source=npz
     c.data.classes = ()  # keep only these labels, remapped to 0..k-1 in this order
@@ -38,7 +36,9 @@ def base_config() -> mc.ConfigDict:
     c.data.train_per_class = 0  # >0: a small labelled subset of the training split
     c.data.stratify = True
     c.data.shuffle = True  # reshuffle the training split each epoch (from the seed)
-    c.data.scale = 0.0  # >0: multiply inputs by this (digits: 1/16); else standardise on train stats
+    c.data.scale = (
+        0.0  # >0: multiply inputs by this (digits: 1/16); else standardise on train stats
+    )
     c.data.split_seed = 0
 
     c.model = mc.ConfigDict()
@@ -48,9 +48,7 @@ def base_config() -> mc.ConfigDict:
     c.model.dropout = 0.0
 
     c.init = mc.ConfigDict()
-    c.init.checkpoint = (
-        ""  # parameters saved by a run (its workdir/params), or "stage:NAME"
-    )
+    c.init.checkpoint = ""  # parameters saved by a run (its workdir/params), or "stage:NAME"
     c.init.reinit = ()  # regexes of leaves that keep their fresh init (a new head)
 
     c.method = mc.ConfigDict()
@@ -59,9 +57,7 @@ def base_config() -> mc.ConfigDict:
     c.method.partial = mc.ConfigDict()
     c.method.partial.last_k = 0  # train the last k blocks
     c.method.partial.blocks = ()  # or the blocks whose paths match these regexes
-    c.method.partial.block_pattern = (
-        r"(?:^|/)(?:block|blocks|h|layer|layers)_(\d+)(?:/|$)"
-    )
+    c.method.partial.block_pattern = r"(?:^|/)(?:block|blocks|h|layer|layers)_(\d+)(?:/|$)"
     c.method.lora = mc.ConfigDict()
     c.method.lora.rank = 4
     c.method.lora.alpha = 8.0
@@ -96,9 +92,7 @@ def base_config() -> mc.ConfigDict:
     c.early_stopping = mc.ConfigDict()
     c.early_stopping.metric = "val/loss"
     c.early_stopping.mode = "min"
-    c.early_stopping.patience = (
-        0  # evaluations without improvement; 0 = never stop early
-    )
+    c.early_stopping.patience = 0  # evaluations without improvement; 0 = never stop early
     c.early_stopping.min_delta = 0.0
     c.early_stopping.restore_best = True
 
@@ -151,9 +145,7 @@ def validate(cfg: mc.ConfigDict) -> None:
         ("early_stopping.mode", ("min", "max")),
     ]:
         _one_of(cfg, key, allowed)
-    _check(
-        cfg.optim.lr > 0, "optim.lr", f"learning rate must be > 0, got {cfg.optim.lr}"
-    )
+    _check(cfg.optim.lr > 0, "optim.lr", f"learning rate must be > 0, got {cfg.optim.lr}")
     _check(
         cfg.train.batch_size > 0,
         "train.batch_size",
@@ -174,12 +166,8 @@ def validate(cfg: mc.ConfigDict) -> None:
     _check(cfg.train.num_steps >= 0, "train.num_steps", "must be >= 0")
     _check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    _check(
-        cfg.optim.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 = no clipping)"
-    )
-    _check(
-        0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)"
-    )
+    _check(cfg.optim.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 = no clipping)")
+    _check(0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     _check(0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)")
     for key in (
         "train.log_every",
@@ -245,6 +233,4 @@ def validate(cfg: mc.ConfigDict) -> None:
     )
     for group in ("stages", "variants"):
         names = [name for name, _ in cfg[group]]
-        _check(
-            len(names) == len(set(names)), group, f"names must be unique, got {names}"
-        )
+        _check(len(names) == len(set(names)), group, f"names must be unique, got {names}")

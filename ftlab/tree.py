@@ -27,6 +27,4 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 def count(tree: Tree) -> int:
     """Number of scalars in a tree of arrays (or of ShapeDtypeStructs)."""
-    return int(
-        sum(np.prod(leaf.shape, dtype=np.int64) for leaf in flatten(tree).values())
-    )
+    return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in flatten(tree).values()))

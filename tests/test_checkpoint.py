@@ -20,17 +20,13 @@ class TrainState:
 
 
 def _tx():
-    return optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1)
-    )
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1))
 
 
 def _params(seed=0):
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
     return {
-        "encoder": {
-            "dense": {"kernel": jax.random.normal(k1, (4, 8)), "bias": jnp.zeros(8)}
-        },
+        "encoder": {"dense": {"kernel": jax.random.normal(k1, (4, 8)), "bias": jnp.zeros(8)}},
         "head": {
             "kernel": jax.random.normal(k2, (8, 3)),
             "bias": jax.random.normal(k3, (3,)),
@@ -90,9 +86,7 @@ def test_save_every_keep_last_and_latest_step(tmp_path):
     assert [s for s, ok in started.items() if ok] == [2, 4, 6, 8]
     assert ckpt.latest_step() == 8
     assert ckpt.all_steps() == [6, 8]
-    on_disk = sorted(
-        int(p.name) for p in (tmp_path / "last").iterdir() if p.name.isdigit()
-    )
+    on_disk = sorted(int(p.name) for p in (tmp_path / "last").iterdir() if p.name.isdigit())
     assert on_disk == [6, 8]
     # Re-saving an existing step is skipped, and forcing it raises: never overwritten.
     assert ckpt.save(8, state, {"step": 8}) is False
@@ -180,9 +174,7 @@ def test_save_best_keeps_better(tmp_path, mode, values, expected_started, best_i
     ckpt.close()
 
     # The stored best survives reopening: a worse value is rejected, a better one accepted.
-    reopened = Checkpoints(
-        tmp_path, save_every=100, best_metric="score", best_mode=mode
-    )
+    reopened = Checkpoints(tmp_path, save_every=100, best_metric="score", best_mode=mode)
     assert reopened.best_step() == steps[best_idx]
     worse = 0.0 if mode == "max" else 1.0
     better = 0.9 if mode == "max" else 0.1

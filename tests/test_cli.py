@@ -61,11 +61,7 @@ def test_default_experiment_end_to_end_writes_its_files(tmp_path):
     assert (workdir / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     results = json.loads((workdir / "results.json").read_text())
     lora = results["lora_r2"][0]
-    assert (
-        lora["trainable_params"]
-        < results["full"][0]["trainable_params"]
-        == lora["total_params"]
-    )
+    assert lora["trainable_params"] < results["full"][0]["trainable_params"] == lora["total_params"]
 
 
 def run_cli(args, capsys):
@@ -104,11 +100,9 @@ def test_config_errors_exit_2_with_the_key_named(tmp_path, capsys, override, mes
         "--config.method.name=lora",
         "--config.method.lora.targets=('block_0/kernel',)",
     ]
-    args = (
-        extra
-        if "lora.targets" not in override and "method.name" not in override
-        else []
-    ) + [override]
+    args = (extra if "lora.targets" not in override and "method.name" not in override else []) + [
+        override
+    ]
     if "lora.targets" in override:
         args = ["--config.method.name=lora", override]
     code, err = run_cli(["--workdir", str(tmp_path / "w"), *args], capsys)

@@ -181,9 +181,7 @@ def test_typed_overrides_from_strings(cfg: ml_collections.ConfigDict) -> None:
     ("raw", "expected"),
     [("true", True), ("FALSE", False), ("1", True), ("0", False), ("no", False)],
 )
-def test_bool_spellings(
-    cfg: ml_collections.ConfigDict, raw: str, expected: bool
-) -> None:
+def test_bool_spellings(cfg: ml_collections.ConfigDict, raw: str, expected: bool) -> None:
     cfg.use_ema = not expected
     apply_overrides(cfg, [("use_ema", raw)])
     assert cfg.use_ema is expected
@@ -206,9 +204,7 @@ def test_int_field_rejects_float_string(cfg: ml_collections.ConfigDict) -> None:
 
 
 def test_dict_overrides_set_non_strings_as_is(cfg: ml_collections.ConfigDict) -> None:
-    apply_overrides(
-        cfg, {"optim.lr": 5e-4, "optim.steps": "7", "model": {"hidden": 64}}
-    )
+    apply_overrides(cfg, {"optim.lr": 5e-4, "optim.steps": "7", "model": {"hidden": 64}})
     assert cfg.optim.lr == 5e-4
     assert cfg.optim.steps == 7
     assert cfg.model.hidden == 64
@@ -240,10 +236,7 @@ def test_unknown_key_suggests_nearest(cfg: ml_collections.ConfigDict) -> None:
 
     with pytest.raises(ConfigError) as exc:
         apply_overrides(cfg, {"model.dropuot": 0.2})
-    assert (
-        str(exc.value)
-        == "unknown config key 'model.dropuot'; did you mean 'model.dropout'?"
-    )
+    assert str(exc.value) == "unknown config key 'model.dropuot'; did you mean 'model.dropout'?"
 
 
 def test_unknown_key_suggests_by_last_component(cfg: ml_collections.ConfigDict) -> None:
@@ -306,9 +299,7 @@ def test_split_config_args_missing_value() -> None:
 
 
 def test_cli_round_trip(cfg_path: Path) -> None:
-    spec, overrides, _ = split_config_args(
-        [f"--config={cfg_path}:small", "--config.seed", "5"]
-    )
+    spec, overrides, _ = split_config_args([f"--config={cfg_path}:small", "--config.seed", "5"])
     assert spec is not None
     cfg = apply_overrides(load_config(spec), overrides)
     assert (cfg.name, cfg.seed) == ("small", 5)

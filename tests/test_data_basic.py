@@ -23,9 +23,7 @@ def data_cfg(**kw):
 
 def digits_cfg(**kw):
     kw.setdefault("classes", CLASSES)
-    kw.setdefault(
-        "scale", 1.0
-    )  # inputs unchanged: rows can be matched against the raw data
+    kw.setdefault("scale", 1.0)  # inputs unchanged: rows can be matched against the raw data
     return data_cfg(**kw)
 
 
@@ -103,12 +101,8 @@ def test_split_seed_determinism(digits):
     same = load_dataset(digits_cfg())
     other = load_dataset(digits_cfg(split_seed=1))
     for name in ("train", "val", "test"):
-        np.testing.assert_array_equal(
-            getattr(same, name).inputs, getattr(digits, name).inputs
-        )
-        np.testing.assert_array_equal(
-            getattr(same, name).labels, getattr(digits, name).labels
-        )
+        np.testing.assert_array_equal(getattr(same, name).inputs, getattr(digits, name).inputs)
+        np.testing.assert_array_equal(getattr(same, name).labels, getattr(digits, name).labels)
     assert sorted(row_keys(other.test.inputs)) != sorted(row_keys(digits.test.inputs))
     assert sorted(row_keys(other.train.inputs)) != sorted(row_keys(digits.train.inputs))
 
@@ -118,9 +112,7 @@ def test_train_per_class(digits):
     assert len(few.train) == 15
     np.testing.assert_array_equal(np.bincount(few.train.labels, minlength=5), [3] * 5)
     full_train = set(row_keys(digits.train.inputs))
-    assert (
-        set(row_keys(few.train.inputs)) <= full_train
-    )  # a subset of the training split
+    assert set(row_keys(few.train.inputs)) <= full_train  # a subset of the training split
     np.testing.assert_array_equal(few.val.inputs, digits.val.inputs)
     np.testing.assert_array_equal(few.test.inputs, digits.test.inputs)
     with pytest.raises(ConfigError, match="train_per_class"):
@@ -152,9 +144,7 @@ def test_standardise_with_train_statistics(digits):
     np.testing.assert_allclose(t.mean(axis=0), 0.0, atol=1e-4)
     np.testing.assert_allclose(t.std(axis=0)[varying], 1.0, atol=1e-3)
     v = std.val.inputs.astype(np.float64)
-    assert (
-        np.abs(v.mean(axis=0)[varying]).max() > 1e-3
-    )  # val uses train's statistics, not its own
+    assert np.abs(v.mean(axis=0)[varying]).max() > 1e-3  # val uses train's statistics, not its own
 
 
 # ---------------------------------------------------------------- errors
@@ -231,9 +221,10 @@ def test_npz_float_labels_regression(tmp_path):
         assert s.labels.dtype == np.float32
     label_of = {k: float(np.float32(lab)) for k, lab in zip(row_keys(inputs), labels)}
     for s in (ds.train, ds.val, ds.test):
-        np.testing.assert_array_equal(
-            [label_of[k] for k in row_keys(s.inputs)], s.labels[:, 0]
-        )
+        expected = [label_of[k] for k in row_keys(s.inputs)]
+        np.testing.assert_allclose(ds.original_units(s.labels)[:, 0], expected, rtol=1e-5, atol=1e-5)
+    # targets are standardised with the training split's statistics
+    assert abs(ds.train.labels.mean()) < 1e-5 and abs(ds.train.labels.std() - 1) < 1e-3
 
 
 def test_diabetes_is_regression():
@@ -243,9 +234,9 @@ def test_diabetes_is_regression():
     assert ds.num_outputs == 1
     assert ds.train.labels.shape == (len(ds.train), 1)
     assert sum(len(s) for s in (ds.train, ds.val, ds.test)) == len(d.target)
-    all_labels = np.concatenate([ds.train.labels, ds.val.labels, ds.test.labels])[:, 0]
+    all_labels = np.concatenate([ds.train.labels, ds.val.labels, ds.test.labels])
     np.testing.assert_allclose(
-        np.sort(all_labels), np.sort(d.target.astype(np.float32))
+        np.sort(ds.original_units(all_labels)[:, 0]), np.sort(d.target.astype(np.float32)), rtol=1e-5
     )
 
 
@@ -271,9 +262,7 @@ def test_train_batch_deterministic():
         np.testing.assert_array_equal(a["inputs"], b["inputs"])
         np.testing.assert_array_equal(a["labels"], b["labels"])
     c = train_batch(split, 0, 8, seed=124)
-    assert not np.array_equal(
-        batch_indices(c), batch_indices(train_batch(split, 0, 8, seed=123))
-    )
+    assert not np.array_equal(batch_indices(c), batch_indices(train_batch(split, 0, 8, seed=123)))
 
 
 def test_train_batch_epoch_coverage():

@@ -83,9 +83,7 @@ def test_masked_lm_loss_mean_over_masked_tokens(ls):
     mask[:, :2] = 0  # prompt positions
     mask[2, 4] = 0  # padding
     got = float(
-        losses.masked_lm_loss(
-            jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), ls
-        )
+        losses.masked_lm_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), ls)
     )
     per_token = np_cross_entropy(logits, targets, ls)
     expected = per_token[mask.astype(bool)].mean()
@@ -97,9 +95,7 @@ def test_masked_lm_loss_mean_over_masked_tokens(ls):
     targets2 = targets.copy()
     targets2[mask == 0] = (targets[mask == 0] + 1) % v
     got2 = float(
-        losses.masked_lm_loss(
-            jnp.asarray(logits2), jnp.asarray(targets2), jnp.asarray(mask), ls
-        )
+        losses.masked_lm_loss(jnp.asarray(logits2), jnp.asarray(targets2), jnp.asarray(mask), ls)
     )
     assert got2 == pytest.approx(got, rel=1e-6)
 
@@ -107,9 +103,7 @@ def test_masked_lm_loss_mean_over_masked_tokens(ls):
     logits3 = logits.copy()
     logits3[0, 3] += 5.0 * np.eye(v)[(targets[0, 3] + 1) % v]
     got3 = float(
-        losses.masked_lm_loss(
-            jnp.asarray(logits3), jnp.asarray(targets), jnp.asarray(mask), ls
-        )
+        losses.masked_lm_loss(jnp.asarray(logits3), jnp.asarray(targets), jnp.asarray(mask), ls)
     )
     assert got3 > got + 1e-3
 
@@ -133,9 +127,7 @@ def test_squared_error_and_weighted_mean_with_padding():
     np.testing.assert_allclose(np.asarray(per), ref_per, rtol=1e-5)
     got = float(losses.weighted_mean(per, jnp.asarray(weights)))
     assert got == pytest.approx(ref_per[:4].mean(), rel=1e-5)
-    assert float(losses.weighted_mean(per, None)) == pytest.approx(
-        ref_per.mean(), rel=1e-5
-    )
+    assert float(losses.weighted_mean(per, None)) == pytest.approx(ref_per.mean(), rel=1e-5)
 
 
 def test_squared_error_single_output_column():
@@ -156,9 +148,7 @@ def test_per_example_loss_dispatch_and_unknown():
     labels = rng.integers(0, 3, size=4)
     fn = losses.per_example_loss("cross_entropy", 0.1)
     got = fn(jnp.asarray(logits), {"labels": jnp.asarray(labels)})
-    np.testing.assert_allclose(
-        np.asarray(got), np_cross_entropy(logits, labels, 0.1), rtol=1e-5
-    )
+    np.testing.assert_allclose(np.asarray(got), np_cross_entropy(logits, labels, 0.1), rtol=1e-5)
     mse = losses.per_example_loss("mse")
     got = mse(jnp.asarray([[1.0], [3.0]]), {"labels": jnp.asarray([[0.0], [1.0]])})
     np.testing.assert_allclose(np.asarray(got), [1.0, 4.0])
@@ -259,9 +249,7 @@ def test_decay_mask_lora_factors_decayed():
         "head": {"bias": jnp.ones(2)},
     }
     mask = optim.decay_mask(params)
-    assert bool(mask["lora"]["block_0/kernel"]["a"]) and bool(
-        mask["lora"]["block_0/kernel"]["b"]
-    )
+    assert bool(mask["lora"]["block_0/kernel"]["a"]) and bool(mask["lora"]["block_0/kernel"]["b"])
     assert not bool(mask["head"]["bias"])
 
 
@@ -332,9 +320,7 @@ def test_adamw_first_step_is_lr_times_sign():
     grads = fixed_grad()
     updates = one_update(cfg, small_tree(), grads)
     for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
-        np.testing.assert_allclose(
-            np.asarray(u), -lr * np.sign(np.asarray(g)), rtol=1e-4
-        )
+        np.testing.assert_allclose(np.asarray(u), -lr * np.sign(np.asarray(g)), rtol=1e-4)
 
 
 def test_adamw_weight_decay_on_kernels_only():
@@ -392,16 +378,14 @@ def test_sgd_momentum_zero_clipping_norm():
     params = small_tree()
     grads = jax.tree.map(lambda g: g * 1e4, fixed_grad())
     updates = one_update(cfg, params, grads)
-    flat_u = np.concatenate(
-        [np.asarray(u).ravel() for u in jax.tree.leaves(updates)]
-    ).astype(np.float64)
-    flat_g = np.concatenate(
-        [np.asarray(g).ravel() for g in jax.tree.leaves(grads)]
-    ).astype(np.float64)
-    assert np.linalg.norm(flat_u) == pytest.approx(lr * 1.0, rel=1e-5)
-    np.testing.assert_allclose(
-        flat_u, -lr * flat_g / np.linalg.norm(flat_g), rtol=1e-4, atol=1e-8
+    flat_u = np.concatenate([np.asarray(u).ravel() for u in jax.tree.leaves(updates)]).astype(
+        np.float64
     )
+    flat_g = np.concatenate([np.asarray(g).ravel() for g in jax.tree.leaves(grads)]).astype(
+        np.float64
+    )
+    assert np.linalg.norm(flat_u) == pytest.approx(lr * 1.0, rel=1e-5)
+    np.testing.assert_allclose(flat_u, -lr * flat_g / np.linalg.norm(flat_g), rtol=1e-4, atol=1e-8)
 
 
 def test_sgd_no_clipping_when_zero():

@@ -43,9 +43,7 @@ def test_selection_per_method(cnn):
         "head/kernel",
         "head/bias",
     }
-    assert trained(method_cfg("bitfit"), params) == {
-        p for p in paths if p.endswith("/bias")
-    }
+    assert trained(method_cfg("bitfit"), params) == {p for p in paths if p.endswith("/bias")}
     # last 2 blocks of block_0..block_2 -> block_1, block_2 (the head is not a numbered block)
     top2 = trained(method_cfg("partial", partial__last_k=2), params)
     assert top2 == {p for p in paths if p.startswith(("block_1/", "block_2/"))}
@@ -105,9 +103,7 @@ def test_lora_target_also_fully_trained_is_an_error(cnn):
 
 def lora_setup(cnn, **kw):
     model, params, x = cnn
-    cfg = method_cfg(
-        "lora", lora__targets=(r"block_\d+/kernel", "head/kernel"), lora__rank=2, **kw
-    )
+    cfg = method_cfg("lora", lora__targets=(r"block_\d+/kernel", "head/kernel"), lora__rank=2, **kw)
     m = build_method(cfg, params)
     trainable, frozen = m.split(params, jax.random.key(3))
     return model, params, x, m, trainable, frozen
@@ -122,9 +118,7 @@ def test_lora_at_step_zero_is_exactly_the_base_model(cnn):
         "head/kernel",
     }
     base = model.apply({"params": params}, x)
-    np.testing.assert_array_equal(
-        m.apply(model, trainable, frozen, x, train=False), base
-    )
+    np.testing.assert_array_equal(m.apply(model, trainable, frozen, x, train=False), base)
     # b starts at zero, a does not (otherwise the gradient of b would vanish too)
     for factors in tree.flatten(trainable["lora"]).items():
         path, value = factors
@@ -133,15 +127,11 @@ def test_lora_at_step_zero_is_exactly_the_base_model(cnn):
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_merged_lora_equals_unmerged(cnn, rslora):
-    model, params, x, m, trainable, frozen = lora_setup(
-        cnn, lora__rslora=rslora, lora__alpha=4.0
-    )
+    model, params, x, m, trainable, frozen = lora_setup(cnn, lora__rslora=rslora, lora__alpha=4.0)
     assert m.lora.scale == pytest.approx(4.0 / (np.sqrt(2) if rslora else 2))
     # non-zero factors so the low-rank branch matters (Dense and Conv layers both adapted)
     keys = iter(jax.random.split(jax.random.key(7), 100))
-    trainable = jax.tree.map(
-        lambda v: v + 0.3 * jax.random.normal(next(keys), v.shape), trainable
-    )
+    trainable = jax.tree.map(lambda v: v + 0.3 * jax.random.normal(next(keys), v.shape), trainable)
     unmerged = m.apply(model, trainable, frozen, x, train=False)
     merged = model.apply({"params": m.merged_params(trainable, frozen)}, x)
     base = model.apply({"params": params}, x)
@@ -168,9 +158,7 @@ def test_lora_dropout_only_in_training(cnn):
 def test_lora_summary_counts():
     model = MLP(3, hidden=(8,))
     params = model.init(jax.random.key(0), jnp.ones((1, 5)))["params"]
-    m = build_method(
-        method_cfg("lora", lora__targets=("block_0/kernel",), lora__rank=2), params
-    )
+    m = build_method(method_cfg("lora", lora__targets=("block_0/kernel",), lora__rank=2), params)
     trainable, frozen = m.split(params, jax.random.key(0))
     # factors a (5, 2) and b (2, 8) = 26 trainable of 5*8+8 + 8*3+3 = 75 base parameters
     assert tree.count(trainable) == 26

@@ -50,43 +50,41 @@ def pretrained(tmp_path_factory):
     """The default CNN pretrained on digits 0-4, as in the default experiment."""
     workdir = tmp_path_factory.mktemp("pretrain")
     train(
-        tiny_config(
-            **DEFAULT_MODEL, **{"data.classes": (0, 1, 2, 3, 4), "train.num_steps": 60}
-        ),
+        tiny_config(**DEFAULT_MODEL, **{"data.classes": (0, 1, 2, 3, 4), "train.num_steps": 60}),
         workdir,
     )
     return workdir / "params"
 
 
-def final_state(workdir, cfg):
-    """The last checkpoint's state, restored with a freshly built target."""
+def fresh(cfg):
+    """Data, model, method and a freshly initialised (trainable, frozen) split for ``cfg``."""
     data = load_dataset(cfg.data)
     model = build_model(cfg.model, data.num_outputs, np.float32)
     params = model.init(jax.random.key(cfg.seed), data.train.inputs[:1])["params"]
     method = build_method(cfg.method, params)
     trainable, frozen = method.split(params, jax.random.key(0))
+    return data, model, method, params, trainable, frozen
+
+
+def final_state(workdir, cfg):
+    """The last checkpoint's state, restored with a freshly built target."""
+    _, _, _, params, trainable, frozen = fresh(cfg)
     tx, _ = optim.optimizer(cfg.optim, cfg.train.num_steps)
     target = TrainState.create(trainable, frozen, tx, cfg.seed)
-    ckpts = checkpoint.Checkpoints(
-        workdir / "checkpoints", save_every=cfg.checkpoint.every_steps
-    )
+    ckpts = checkpoint.Checkpoints(workdir / "checkpoints", save_every=cfg.checkpoint.every_steps)
     state, meta = ckpts.restore(target)
     ckpts.close()
     return state, meta, params
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_trains_and_frozen_leaves_stay_bit_identical(
-    tmp_path, name, pretrained
-):
+def test_every_method_trains_and_frozen_leaves_stay_bit_identical(tmp_path, name, pretrained):
     transfer = {
         "init.checkpoint": str(pretrained),
         "init.reinit": ("head/",),
         "train.num_steps": 40,
     }
-    cfg = tiny_config(
-        **DEFAULT_MODEL, **transfer, **{"optim.lr": 3e-2, **METHODS[name]}
-    )
+    cfg = tiny_config(**DEFAULT_MODEL, **transfer, **{"optim.lr": 3e-2, **METHODS[name]})
     summary = train(cfg, tmp_path)
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
     first, last = records[0]["train/loss"], records[-1]["train/loss"]
@@ -107,9 +105,7 @@ def test_every_method_trains_and_frozen_leaves_stay_bit_identical(
 
 
 def test_exact_resume_after_ctrl_c_is_bit_identical(tmp_path):
-    cfg = tiny_config(
-        **{"model.dropout": 0.2, "train.num_steps": 20, "checkpoint.every_steps": 7}
-    )
+    cfg = tiny_config(**{"model.dropout": 0.2, "train.num_steps": 20, "checkpoint.every_steps": 7})
     train(cfg, tmp_path / "straight")
 
     def ctrl_c_at_10(step):
@@ -143,15 +139,9 @@ def test_early_stopping_restores_the_best_weights(tmp_path):
         }
     )
     summary = train(cfg, tmp_path)
-    assert (
-        summary["stopped_early"] and summary["steps"] == 15
-    )  # evals at 5 (best), 10, 15 (stop)
+    assert summary["stopped_early"] and summary["steps"] == 15  # evals at 5 (best), 10, 15 (stop)
     assert summary["best_step"] == 5
-    val_at = {
-        r["step"]: r
-        for r in read_metrics(tmp_path / "metrics.jsonl")
-        if "val/loss" in r
-    }
+    val_at = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl") if "val/loss" in r}
     assert summary["val"]["loss"] == pytest.approx(val_at[5]["val/loss"], rel=1e-6)
     assert summary["val"]["loss"] != pytest.approx(val_at[15]["val/loss"], rel=1e-6)
 
@@ -160,9 +150,7 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(tmp_path):
     rng = np.random.default_rng(0)
     inputs = rng.normal(size=(200, 6)).astype(np.float32)
     labels = (inputs[:, 0] > 0).astype(np.int64)
-    inputs[150:] = (
-        np.nan
-    )  # with shuffle off, the batches from step 9 on read these rows
+    inputs[150:] = np.nan  # with shuffle off, the batches from step 9 on read these rows
     np.savez(tmp_path / "data.npz", inputs=inputs, labels=labels)
     cfg = tiny_config(
         **{
@@ -182,12 +170,8 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(tmp_path):
         }
     )
     data = load_dataset(cfg.data)
-    first_bad = (
-        int(np.argmax(np.isnan(data.train.inputs).any(axis=1))) // cfg.train.batch_size
-    )
-    with pytest.raises(
-        NonFiniteLossError, match=rf"non-finite loss at step {first_bad + 1}"
-    ):
+    first_bad = int(np.argmax(np.isnan(data.train.inputs).any(axis=1))) // cfg.train.batch_size
+    with pytest.raises(NonFiniteLossError, match=rf"non-finite loss at step {first_bad + 1}"):
         train(cfg, tmp_path / "run")
     ckpt_dir = tmp_path / "run" / "checkpoints"
     ckpts = checkpoint.Checkpoints(ckpt_dir, save_every=4)
@@ -200,21 +184,14 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(tmp_path):
 
 
 def test_gradient_accumulation_matches_the_full_batch():
-    cfg = tiny_config()
-    data = load_dataset(cfg.data)
-    model = build_model(cfg.model, data.num_outputs, np.float32)
-    params = model.init(jax.random.key(0), data.train.inputs[:1])["params"]
-    method = build_method(cfg.method, params)
-    trainable, frozen = method.split(params, jax.random.key(0))
+    data, model, method, _params, trainable, frozen = fresh(tiny_config())
     tx = optax.sgd(0.1)
     loss = losses.per_example_loss("cross_entropy")
     batch = {"inputs": data.train.inputs[:16], "labels": data.train.labels[:16]}
     outs = []
     for accum in (1, 4):
         step = jax.jit(
-            make_train_step(
-                model, method, tx, optax.constant_schedule(0.1), loss, accum
-            )
+            make_train_step(model, method, tx, optax.constant_schedule(0.1), loss, accum)
         )
         outs.append(step(TrainState.create(trainable, frozen, tx, 0), batch))
     (s1, m1), (s4, m4) = outs
@@ -224,25 +201,16 @@ def test_gradient_accumulation_matches_the_full_batch():
 
 
 def test_metrics_cover_the_whole_split_not_the_last_batch():
-    cfg = tiny_config()
-    data = load_dataset(cfg.data)
-    model = build_model(cfg.model, data.num_outputs, np.float32)
-    params = model.init(jax.random.key(0), data.train.inputs[:1])["params"]
-    method = build_method(cfg.method, params)
-    trainable, frozen = method.split(params, jax.random.key(0))
+    data, model, method, params, trainable, frozen = fresh(tiny_config())
     state = TrainState.create(trainable, frozen, optax.sgd(0.1), 0)
-    eval_step = jax.jit(
-        make_eval_step(model, method, losses.per_example_loss("cross_entropy"))
-    )
+    eval_step = jax.jit(make_eval_step(model, method, losses.per_example_loss("cross_entropy")))
     batched = evaluate(
         eval_step, state, data.val, data, batch_size=32
     )  # 32 does not divide the split
     assert len(data.val) % 32 != 0
     logits = model.apply({"params": params}, data.val.inputs)
     preds = np.asarray(logits).argmax(-1)
-    assert batched["accuracy"] == pytest.approx(
-        float(np.mean(preds == data.val.labels))
-    )
+    assert batched["accuracy"] == pytest.approx(float(np.mean(preds == data.val.labels)))
     assert np.sum(batched["confusion_matrix"]) == len(data.val)
     ce = losses.per_example_loss("cross_entropy")(logits, {"labels": data.val.labels})
     assert batched["loss"] == pytest.approx(float(np.mean(ce)), rel=1e-5)
@@ -285,10 +253,16 @@ def test_init_from_pretrained_checkpoint(tmp_path):
     state, _, _ = final_state(tmp_path / "ft", ft)
     for path, leaf in tree.flatten(state.frozen).items():
         np.testing.assert_array_equal(leaf, saved[path], err_msg=path)
-    bad = tiny_config(
-        **{"init.checkpoint": str(tmp_path / "pre" / "params"), "model.hidden": (8,)}
-    )
+    bad = tiny_config(**{"init.checkpoint": str(tmp_path / "pre" / "params"), "model.hidden": (8,)})
     with pytest.raises(
         ConfigError, match=r"'block_2/(kernel|bias)' has shape .* add it to init.reinit"
     ):
         train(bad, tmp_path / "bad")
+
+
+def test_workdir_with_a_different_config_is_refused(tmp_path):
+    train(tiny_config(**{"train.num_steps": 5}), tmp_path)
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(ConfigError, match=r"different config \(changed: optim\.lr\)"):
+        train(tiny_config(**{"train.num_steps": 5, "optim.lr": 0.5}), tmp_path)
+    assert (tmp_path / "config.json").read_text() == before

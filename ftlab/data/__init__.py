@@ -57,8 +57,7 @@ class Dataset:
             if self.task == "classification":
                 counts = Counter(split.labels.tolist())
                 line += " | labels " + " ".join(
-                    f"{self.class_names[c]}:{counts.get(c, 0)}"
-                    for c in range(self.num_outputs)
+                    f"{self.class_names[c]}:{counts.get(c, 0)}" for c in range(self.num_outputs)
                 )
             lines.append(line)
         return "\n".join(lines)
@@ -68,15 +67,11 @@ def _keep_classes(raw: RawData, classes: tuple[int, ...]) -> RawData:
     present = set(np.unique(raw.labels).tolist())
     unknown = [c for c in classes if c not in present]
     if unknown:
-        raise ConfigError(
-            f"config.data.classes: labels {unknown} do not occur in the data"
-        )
+        raise ConfigError(f"config.data.classes: labels {unknown} do not occur in the data")
     keep = np.isin(raw.labels, classes)
     remap = {c: i for i, c in enumerate(classes)}
     labels = np.array([remap[c] for c in raw.labels[keep].tolist()], np.int32)
-    return RawData(
-        raw.inputs[keep], labels, raw.task, [raw.class_names[c] for c in classes]
-    )
+    return RawData(raw.inputs[keep], labels, raw.task, [raw.class_names[c] for c in classes])
 
 
 def _few_per_class(split: Split, n: int, num_classes: int, seed: int) -> Split:
@@ -97,9 +92,7 @@ def load_dataset(cfg: mc.ConfigDict) -> Dataset:
     classification = raw.task == "classification"
     if cfg.classes:
         if not classification:
-            raise ConfigError(
-                "config.data.classes: only classification data has classes"
-            )
+            raise ConfigError("config.data.classes: only classification data has classes")
         raw = _keep_classes(raw, tuple(cfg.classes))
     index = np.arange(len(raw.labels))
     stratify = raw.labels if (classification and cfg.stratify) else None
@@ -122,9 +115,7 @@ def load_dataset(cfg: mc.ConfigDict) -> Dataset:
             stratify=None if stratify is None else raw.labels[rest],
         )
     except ValueError as e:
-        raise ConfigError(
-            f"config.data: cannot split {len(index)} examples: {e}"
-        ) from None
+        raise ConfigError(f"config.data: cannot split {len(index)} examples: {e}") from None
     full = Split(raw.inputs, raw.labels)
     splits = {
         "train": full.take(np.sort(train)),
@@ -134,9 +125,7 @@ def load_dataset(cfg: mc.ConfigDict) -> Dataset:
     num_outputs = len(raw.class_names) if classification else raw.labels.shape[-1]
     if cfg.train_per_class > 0:
         if not classification:
-            raise ConfigError(
-                "config.data.train_per_class: only for classification data"
-            )
+            raise ConfigError("config.data.train_per_class: only for classification data")
         splits["train"] = _few_per_class(
             splits["train"], cfg.train_per_class, num_outputs, cfg.split_seed
         )
@@ -148,14 +137,10 @@ def load_dataset(cfg: mc.ConfigDict) -> Dataset:
         std = splits["train"].inputs.std(axis=0) + 1e-6
         for s in splits.values():
             s.inputs = ((s.inputs - mean) / std).astype(np.float32)
-    data = Dataset(
-        **splits, task=raw.task, num_outputs=num_outputs, class_names=raw.class_names
-    )
+    data = Dataset(**splits, task=raw.task, num_outputs=num_outputs, class_names=raw.class_names)
     if not classification:
         data.target_mean = splits["train"].labels.mean(axis=0)
         data.target_std = splits["train"].labels.std(axis=0) + 1e-6
         for s in splits.values():
-            s.labels = ((s.labels - data.target_mean) / data.target_std).astype(
-                np.float32
-            )
+            s.labels = ((s.labels - data.target_mean) / data.target_std).astype(np.float32)
     return data

@@ -23,9 +23,7 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return num_examples // batch_size
 
 
-def train_batch(
-    split: Split, step: int, batch_size: int, seed: int, shuffle: bool = True
-) -> dict:
+def train_batch(split: Split, step: int, batch_size: int, seed: int, shuffle: bool = True) -> dict:
     per_epoch = steps_per_epoch(len(split), batch_size)
     epoch, i = divmod(step, per_epoch)
     order = (
@@ -47,7 +45,5 @@ def eval_batches(split: Split, batch_size: int) -> Iterator[dict]:
         yield {
             "inputs": split.inputs[padded],
             "labels": split.labels[padded],
-            "weights": np.concatenate([np.ones(len(index)), np.zeros(pad)]).astype(
-                np.float32
-            ),
+            "weights": np.concatenate([np.ones(len(index)), np.zeros(pad)]).astype(np.float32),
         }

@@ -40,19 +40,11 @@ def from_sklearn(name: str) -> RawData:
 
     loader, task = SKLEARN_SETS[name]
     bunch = getattr(sklearn.datasets, loader)()
-    inputs = (
-        bunch.images if name == "digits" else bunch.data
-    )  # digits keep their 8x8 shape
+    inputs = bunch.images if name == "digits" else bunch.data  # digits keep their 8x8 shape
     if task == "classification":
-        names = [
-            str(n) for n in getattr(bunch, "target_names", np.unique(bunch.target))
-        ]
-        return RawData(
-            inputs.astype(np.float32), bunch.target.astype(np.int32), task, names
-        )
-    return RawData(
-        inputs.astype(np.float32), bunch.target.astype(np.float32)[:, None], task, []
-    )
+        names = [str(n) for n in getattr(bunch, "target_names", np.unique(bunch.target))]
+        return RawData(inputs.astype(np.float32), bunch.target.astype(np.int32), task, names)
+    return RawData(inputs.astype(np.float32), bunch.target.astype(np.float32)[:, None], task, [])
 
 
 def from_npz(path: str) -> RawData:
@@ -63,9 +55,7 @@ def from_npz(path: str) -> RawData:
     with np.load(file, allow_pickle=False) as z:
         missing = [k for k in ("inputs", "labels") if k not in z.files]
         if missing:
-            raise ConfigError(
-                f"config.data.path: {file} lacks array(s) {missing}; has {z.files}"
-            )
+            raise ConfigError(f"config.data.path: {file} lacks array(s) {missing}; has {z.files}")
         inputs, labels = z["inputs"].astype(np.float32), z["labels"]
     if len(inputs) != len(labels):
         raise ConfigError(

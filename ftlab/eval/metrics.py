@@ -25,8 +25,7 @@ def _check_lengths(a_name: str, a: np.ndarray, b_name: str, b: np.ndarray) -> No
     """Fail loudly instead of letting sklearn broadcast or truncate."""
     if a.shape[0] != b.shape[0]:
         raise ValueError(
-            f"{a_name} and {b_name} must have the same length, "
-            f"got {a.shape[0]} and {b.shape[0]}"
+            f"{a_name} and {b_name} must have the same length, got {a.shape[0]} and {b.shape[0]}"
         )
     if a.shape[0] == 0:
         raise ValueError(f"{a_name} and {b_name} must not be empty")
@@ -38,9 +37,7 @@ def _as_class_ids(name: str, values: np.ndarray, num_classes: int) -> np.ndarray
         raise ValueError(f"{name} must be integer class ids, got dtype {values.dtype}")
     if not np.issubdtype(values.dtype, np.integer):
         if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
-            raise ValueError(
-                f"{name} must be integer class ids, got non-integer values"
-            )
+            raise ValueError(f"{name} must be integer class ids, got non-integer values")
         values = values.astype(np.int64)
     bad = (values < 0) | (values >= num_classes)
     if np.any(bad):

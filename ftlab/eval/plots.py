@@ -45,9 +45,7 @@ def plot_confusion_matrix(
     mat = np.asarray(cm)
     n = len(class_names)
     if mat.shape != (n, n):
-        raise ValueError(
-            f"confusion matrix shape {mat.shape} does not match {n} class names"
-        )
+        raise ValueError(f"confusion matrix shape {mat.shape} does not match {n} class names")
     size = max(4.0, 0.6 * n + 2.0)
     fig, ax = plt.subplots(figsize=(size, size))
     try:

@@ -54,15 +54,11 @@ class Method:
 
     def base_params(self, trainable: Mapping, frozen: Mapping) -> dict:
         """The base tree the model sees (without LoRA factors)."""
-        return tree.unflatten(
-            {**tree.flatten(frozen), **tree.flatten(trainable["params"])}
-        )
+        return tree.unflatten({**tree.flatten(frozen), **tree.flatten(trainable["params"])})
 
     def _factors(self, trainable: Mapping) -> dict[str, dict]:
         flat = tree.flatten(trainable.get("lora", {}))
-        return {
-            p: {"a": flat[f"{p}/a"], "b": flat[f"{p}/b"]} for p in self.lora_targets
-        }
+        return {p: {"a": flat[f"{p}/a"], "b": flat[f"{p}/b"]} for p in self.lora_targets}
 
     def merged_params(self, trainable: Mapping, frozen: Mapping) -> dict:
         """Base parameters with LoRA folded in: a plain model tree for export and evaluation."""
@@ -84,11 +80,7 @@ class Method:
     ) -> Any:
         """``model.apply`` on the combined tree; LoRA runs factored inside its layers."""
         params = self.base_params(trainable, frozen)
-        rngs = (
-            {"dropout": jax.random.fold_in(rng, 0)}
-            if (train and rng is not None)
-            else {}
-        )
+        rngs = {"dropout": jax.random.fold_in(rng, 0)} if (train and rng is not None) else {}
         call: Callable[[], Any] = lambda: model.apply(
             {"params": params}, inputs, train=train, rngs=rngs
         )
@@ -104,8 +96,10 @@ class Method:
         n_train = tree.count(trainable)
         n_total = tree.count(frozen) + tree.count(trainable["params"])
         parts = [
-            (f"method {self.name}: trainable {n_train:,} / {n_total:,} parameters "
-            f"({100.0 * n_train / max(n_total, 1):.2f}%)")
+            (
+                f"method {self.name}: trainable {n_train:,} / {n_total:,} parameters "
+                f"({100.0 * n_train / max(n_total, 1):.2f}%)"
+            )
         ]
         if self.trained:
             parts.append("trained: " + ", ".join(sorted(self.trained)))

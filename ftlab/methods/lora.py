@@ -47,9 +47,7 @@ def check_target(path: str, shape: tuple[int, ...], rank: int) -> None:
         )
 
 
-def init_factors(
-    rng: jax.Array, shape: tuple[int, ...], rank: int
-) -> dict[str, jax.Array]:
+def init_factors(rng: jax.Array, shape: tuple[int, ...], rank: int) -> dict[str, jax.Array]:
     """``a`` ~ U(+-1/sqrt(fan_in)) of shape (*kernel.shape[:-1], r) (as PEFT), ``b`` = 0 of (r, out)."""
     fan_in = int(np.prod(shape[:-1]))
     bound = 1.0 / math.sqrt(fan_in)
@@ -62,9 +60,7 @@ def delta(factors: Mapping[str, jax.Array], scale: float) -> jax.Array:
     return scale * jnp.tensordot(factors["a"], factors["b"], axes=1)
 
 
-def merge(
-    flat_params: Mapping[str, Any], flat_lora: Mapping[str, Mapping], scale: float
-) -> dict:
+def merge(flat_params: Mapping[str, Any], flat_lora: Mapping[str, Mapping], scale: float) -> dict:
     """Flat parameters with every adapted kernel replaced by ``W + s * a @ b``."""
     merged = dict(flat_params)
     for path, factors in flat_lora.items():

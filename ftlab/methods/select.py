@@ -16,9 +16,7 @@ def matching(paths: Iterable[str], pattern: str) -> list[str]:
 
 def _no_match(key: str, pattern: str, paths: Sequence[str]) -> ConfigError:
     sample = ", ".join(list(paths)[:8]) + (", ..." if len(paths) > 8 else "")
-    return ConfigError(
-        f"config.{key}: regex {pattern!r} matches no parameter; paths are: {sample}"
-    )
+    return ConfigError(f"config.{key}: regex {pattern!r} matches no parameter; paths are: {sample}")
 
 
 def by_regexes(paths: Sequence[str], patterns: Sequence[str], key: str) -> set[str]:
@@ -39,9 +37,7 @@ def block_index(path: str, block_pattern: str) -> int | None:
 
 def last_k_blocks(paths: Sequence[str], k: int, block_pattern: str) -> set[str]:
     """Leaves of the k highest-numbered blocks (``block_<i>``, ``h_<i>``, ``layers_<i>``)."""
-    indices = sorted(
-        {i for p in paths if (i := block_index(p, block_pattern)) is not None}
-    )
+    indices = sorted({i for p in paths if (i := block_index(p, block_pattern)) is not None})
     if not indices:
         raise ConfigError(
             f"config.method.partial.block_pattern: {block_pattern!r} finds no numbered block in the "
@@ -59,7 +55,5 @@ def biases(paths: Sequence[str]) -> set[str]:
     """BitFit: every bias leaf."""
     chosen = {p for p in paths if p.rsplit("/", 1)[-1] == "bias"}
     if not chosen:
-        raise ConfigError(
-            "config.method.name: 'bitfit' found no bias parameters in this model"
-        )
+        raise ConfigError("config.method.name: 'bitfit' found no bias parameters in this model")
     return chosen

@@ -34,9 +34,7 @@ class SmallCNN(nn.Module):
                 x = nn.avg_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
         for j, width in enumerate(self.hidden):
-            x = nn.Dense(
-                width, dtype=self.dtype, name=f"block_{len(self.features) + j}"
-            )(x)
+            x = nn.Dense(width, dtype=self.dtype, name=f"block_{len(self.features) + j}")(x)
             x = nn.relu(x)
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)

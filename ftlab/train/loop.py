@@ -91,9 +91,7 @@ def init_params(cfg: mc.ConfigDict, model, sample: np.ndarray) -> dict:
     return tree.unflatten(flat)
 
 
-def evaluate(
-    eval_step, state: TrainState, split: Split, data: Dataset, batch_size: int
-) -> dict:
+def evaluate(eval_step, state: TrainState, split: Split, data: Dataset, batch_size: int) -> dict:
     """Loss and task metrics over the whole split."""
     outputs, loss = [], []
     for batch in eval_batches(split, batch_size):
@@ -105,9 +103,7 @@ def evaluate(
     result = {"loss": float(loss.mean())}
     if data.task == "classification":
         result.update(
-            metrics_lib.classification_metrics(
-                split.labels, outputs.argmax(-1), data.num_outputs
-            )
+            metrics_lib.classification_metrics(split.labels, outputs.argmax(-1), data.num_outputs)
         )
     else:
         result.update(
@@ -116,6 +112,27 @@ def evaluate(
             )
         )
     return result
+
+
+def _save_config(path: Path, cfg: mc.ConfigDict) -> None:
+    """Write config.json; a workdir that already holds a different run is an error, so
+    resuming never mixes two configs and nothing saved is overwritten."""
+    new = to_dict(cfg)
+    if path.exists():
+        old = json.loads(path.read_text())
+        flat_old, flat_new = tree.flatten(old), tree.flatten(new)
+        changed = sorted(
+            k.replace("/", ".")
+            for k in flat_old.keys() | flat_new.keys()
+            if flat_old.get(k) != flat_new.get(k)
+        )
+        if changed:
+            raise ConfigError(
+                f"{path.parent} already holds a run with a different config (changed: "
+                f"{', '.join(changed)}); use a new --workdir, or the same config to resume"
+            )
+        return
+    path.write_text(json.dumps(new, indent=2))
 
 
 class _EarlyStopping:
@@ -172,9 +189,7 @@ class _Interrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning(
-            "interrupt: saving a checkpoint after this step (Ctrl-C again to abort)"
-        )
+        log.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -237,7 +252,7 @@ def train(
         state, meta = ckpts.restore(state)
         log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
     stopper = _EarlyStopping(es_cfg, meta)
-    (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    _save_config(workdir / "config.json", cfg)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
 
     step = int(state.step)
@@ -246,7 +261,7 @@ def train(
     bar = tqdm(
         total=total_steps,
         initial=step,
-        desc=workdir.name,
+        desc="/".join(workdir.parts[-2:]) if workdir.name.startswith("seed_") else workdir.name,
         unit="step",
         dynamic_ncols=True,
     )
@@ -266,9 +281,7 @@ def train(
                     f"is step {ckpts.latest_step()} in {workdir / 'checkpoints'}; lower optim.lr or "
                     "check the data"
                 )
-        rate = (
-            window_steps * cfg.train.batch_size / max(time.time() - window_start, 1e-9)
-        )
+        rate = window_steps * cfg.train.batch_size / max(time.time() - window_start, 1e-9)
         record = {
             "train/loss": float(np.mean([m["loss"] for m in fetched])),
             "train/grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
@@ -291,9 +304,7 @@ def train(
 
     with _Interrupt() as interrupt:
         while step < total_steps and not stopper.stopped:
-            batch = train_batch(
-                data.train, step, cfg.train.batch_size, cfg.seed, cfg.data.shuffle
-            )
+            batch = train_batch(data.train, step, cfg.train.batch_size, cfg.seed, cfg.data.shuffle)
             state, step_metrics = train_step(state, batch)
             step += 1
             window_steps += 1
@@ -303,9 +314,7 @@ def train(
                 flush()
             if step % cfg.train.eval_every == 0 or step == total_steps:
                 flush()
-                val = evaluate(
-                    eval_step, state, data.val, data, cfg.train.eval_batch_size
-                )
+                val = evaluate(eval_step, state, data.val, data, cfg.train.eval_batch_size)
                 writer.write(step, metrics_lib.scalars(val, "val"))
                 scalars = metrics_lib.scalars(val, "val")
                 if es_cfg.metric not in scalars:
@@ -371,8 +380,7 @@ def train(
         "method": cfg.method.name,
         "method_summary": method.summary(state.trainable, state.frozen),
         "trainable_params": n_trainable,
-        "total_params": tree.count(state.frozen)
-        + tree.count(state.trainable["params"]),
+        "total_params": tree.count(state.frozen) + tree.count(state.trainable["params"]),
         "wall_time_s": time.time() - start_time,
         "val": val,
         "test": test,

@@ -15,9 +15,7 @@ import optax
 LossFn = Callable[[jax.Array, dict], tuple[jax.Array, jax.Array]]
 
 
-def cross_entropy(
-    logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
-) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Per-example softmax cross-entropy with (optional) label smoothing."""
     logits = logits.astype(jnp.float32)
     targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
@@ -46,9 +44,7 @@ def per_example_loss(
 ) -> Callable[[jax.Array, dict], jax.Array]:
     """The configured loss as ``(outputs, batch) -> per-example losses``."""
     if name == "cross_entropy":
-        return lambda logits, batch: cross_entropy(
-            logits, batch["labels"], label_smoothing
-        )
+        return lambda logits, batch: cross_entropy(logits, batch["labels"], label_smoothing)
     if name == "mse":
         return lambda outputs, batch: squared_error(outputs, batch["labels"])
     raise ValueError(f"unknown loss {name!r}")

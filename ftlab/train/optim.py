@@ -16,18 +16,14 @@ def schedule(cfg: mc.ConfigDict, total_steps: int) -> optax.Schedule:
     if cfg.schedule == "constant":
         main = optax.constant_schedule(cfg.lr)
     elif cfg.schedule == "cosine":
-        main = optax.cosine_decay_schedule(
-            cfg.lr, decay_steps, alpha=cfg.final_lr_fraction
-        )
+        main = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.final_lr_fraction)
     elif cfg.schedule == "linear":
         main = optax.linear_schedule(cfg.lr, end, decay_steps)
     else:
         raise ValueError(f"unknown schedule {cfg.schedule!r}")
     if warmup == 0:
         return main
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup]
-    )
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup])
 
 
 def decay_mask(params):
@@ -44,9 +40,7 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def _decoupled_weight_decay(
-    rate: float, lr: optax.Schedule
-) -> optax.GradientTransformation:
+def _decoupled_weight_decay(rate: float, lr: optax.Schedule) -> optax.GradientTransformation:
     """Adds ``-lr(step) * rate * param`` to the update (masked), as adamw does.
 
     optax's adafactor applies its own decay without the learning rate; this keeps
@@ -64,9 +58,7 @@ def _decoupled_weight_decay(
             params,
             decay_mask(params),
         )
-        return updates, optax.ScaleByScheduleState(
-            count=optax.safe_increment(state.count)
-        )
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformation(init, update)
 
@@ -76,18 +68,14 @@ def optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     lr = schedule(cfg, total_steps)
     if cfg.name == "adamw":
-        base = optax.adamw(
-            lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask
-        )
+        base = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
     elif cfg.name == "sgd":
         base = optax.chain(
             optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
             optax.sgd(lr, momentum=cfg.momentum or None),
         )
     elif cfg.name == "adafactor":
-        base = optax.chain(
-            optax.adafactor(lr), _decoupled_weight_decay(cfg.weight_decay, lr)
-        )
+        base = optax.chain(optax.adafactor(lr), _decoupled_weight_decay(cfg.weight_decay, lr))
     else:
         raise ValueError(f"unknown optimizer {cfg.name!r}")
     if cfg.clip_norm > 0:

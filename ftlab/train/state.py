@@ -16,14 +16,10 @@ class TrainState:
     trainable: Any  # {"params": trained base leaves, "lora": LoRA factors}
     frozen: Any  # every other base leaf, never differentiated
     opt_state: optax.OptState  # only for the trainable leaves
-    rng: (
-        jax.Array
-    )  # raw uint32 key data (checkpoint friendly); step keys are folded from it
+    rng: jax.Array  # raw uint32 key data (checkpoint friendly); step keys are folded from it
 
     @classmethod
-    def create(
-        cls, trainable: Any, frozen: Any, tx: optax.GradientTransformation, seed: int
-    ):
+    def create(cls, trainable: Any, frozen: Any, tx: optax.GradientTransformation, seed: int):
         return cls(
             step=jnp.zeros((), jnp.int32),
             trainable=trainable,

@@ -33,9 +33,7 @@ def make_train_step(
     whose gradients are averaged (same update as the full batch, less activation memory)."""
 
     def loss_fn(trainable, frozen, batch: Batch, rng: jax.Array) -> jax.Array:
-        outputs = method.apply(
-            model, trainable, frozen, batch["inputs"], train=True, rng=rng
-        )
+        outputs = method.apply(model, trainable, frozen, batch["inputs"], train=True, rng=rng)
         return weighted_mean(per_example_loss(outputs, batch), batch.get("weights"))
 
     grad_fn = jax.value_and_grad(loss_fn)  # w.r.t. the trainable subtree only
@@ -45,24 +43,18 @@ def make_train_step(
         if accum_steps == 1:
             loss, grads = grad_fn(state.trainable, state.frozen, batch, rng)
         else:
-            micro = jax.tree.map(
-                lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch
-            )
+            micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
 
             def accumulate(carry, inputs):
                 i, mb = inputs
-                loss, grads = grad_fn(
-                    state.trainable, state.frozen, mb, jax.random.fold_in(rng, i)
-                )
+                loss, grads = grad_fn(state.trainable, state.frozen, mb, jax.random.fold_in(rng, i))
                 return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
             zeros = (
                 jnp.zeros((), jnp.float32),
                 jax.tree.map(jnp.zeros_like, state.trainable),
             )
-            (loss, grads), _ = jax.lax.scan(
-                accumulate, zeros, (jnp.arange(accum_steps), micro)
-            )
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro))
             loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
@@ -71,9 +63,7 @@ def make_train_step(
             "grad_norm": optax.tree_utils.tree_norm(grads),
             "lr": lr_schedule(state.step),
         }
-        return state.replace(
-            step=state.step + 1, trainable=trainable, opt_state=opt_state
-        ), metrics
+        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
     return train_step
 
@@ -87,9 +77,7 @@ def make_eval_step(
     whole split (never on one batch)."""
 
     def eval_step(state: TrainState, batch: Batch) -> dict:
-        outputs = method.apply(
-            model, state.trainable, state.frozen, batch["inputs"], train=False
-        )
+        outputs = method.apply(model, state.trainable, state.frozen, batch["inputs"], train=False)
         return {
             "outputs": outputs.astype(jnp.float32),
             "loss": per_example_loss(outputs, batch),

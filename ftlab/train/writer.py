@@ -108,9 +108,7 @@ def read_metrics(path: str | Path) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                warnings.warn(
-                    f"{path}:{lineno}: skipping malformed metrics line", stacklevel=2
-                )
+                warnings.warn(f"{path}:{lineno}: skipping malformed metrics line", stacklevel=2)
                 continue
             if isinstance(record, dict):
                 records.append(record)

@@ -21,7 +21,7 @@ from ftlab.config import ConfigError, override_copy
 from ftlab.eval import plots
 from ftlab.eval.report import markdown_table
 from ftlab.schema import validate
-from ftlab.train.loop import train
+from ftlab.train.loop import prepare, train
 from ftlab.train.writer import read_metrics
 
 log = logging.getLogger("ftlab")
@@ -47,7 +47,10 @@ def derive(
                 f"run {name!r}: config.init.checkpoint {ref!r} names no stage; stages: {stage_names}"
             )
         run.init.checkpoint = str(workdir / stage / "params")
-    validate(run)
+    try:
+        prepare(run)
+    except ConfigError as e:
+        raise ConfigError(f"run {name!r}: {e}") from None
     return run
 
 
@@ -86,22 +89,29 @@ def run_experiment(cfg: mc.ConfigDict, workdir: str | Path) -> dict:
     return results
 
 
-def _mean_std(values: list[float | None]) -> str | None:
+def _mean_std(values: list[float | None], sign: str = "") -> str | None:
     if any(v is None for v in values):
         return None
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+        return f"{values[0]:{sign}.3f}"
+    return f"{np.mean(values):{sign}.3f} ± {np.std(values):.3f}"
 
 
 def write_comparison(workdir: Path, results: dict[str, list[dict]], curve_metric: str) -> None:
     """Markdown table (mean ± std over seeds), JSON of every run, and validation curves."""
+    def score(run: dict) -> float | None:
+        final = run["test"] or run["val"]
+        return final.get("accuracy", final.get("mse"))
+
+    baseline_name, baseline = next(iter(results.items()))
     rows = []
     for name, runs in results.items():
         tests = [r["test"] or r["val"] for r in runs]
+        paired = [score(r) - score(b) for r, b in zip(runs, baseline)]  # same seed, same split
         rows.append(
             {
                 "variant": name,
+                "delta": _mean_std(paired, "+") if name != baseline_name else None,
                 "accuracy": _mean_std([t.get("accuracy") for t in tests]),
                 "f1_macro": _mean_std([t.get("f1_macro") for t in tests]),
                 "mse": _mean_std([t.get("mse") for t in tests]),
@@ -119,6 +129,7 @@ def write_comparison(workdir: Path, results: dict[str, list[dict]], curve_metric
         else [("mse", "test MSE", "")]
     )
     columns += [
+        ("delta", f"Δ vs {baseline_name} (paired)", ""),
         ("trainable", "trainable params", ",d"),
         ("total", "total params", ",d"),
         ("steps", "steps", "d"),
@@ -127,7 +138,10 @@ def write_comparison(workdir: Path, results: dict[str, list[dict]], curve_metric
     n_seeds = len(next(iter(results.values())))
     table = markdown_table(rows, columns)
     if n_seeds > 1:
-        table += f"\nMean ± std over {n_seeds} seeds (each its own split and labelled subset).\n"
+        table += (
+            f"\nMean ± std over {n_seeds} seeds (each its own split and labelled subset); "
+            f"Δ is the per-seed difference from {baseline_name}'s test score on the same split.\n"
+        )
     (workdir / "results.md").write_text(table)
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     series = {

@@ -36,7 +36,16 @@ def test_default_experiment_end_to_end_writes_its_files(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "method lora: trainable" in proc.stderr  # the one-line method summary
     table = (workdir / "results.md").read_text()
-    for variant in ("scratch", "full", "linear_probe", "lora_r1", "lora_r2", "lora_r4"):
+    variants = (
+        "scratch",
+        "full",
+        "linear_probe",
+        "lora_r1",
+        "lora_r2",
+        "lora_r4",
+        "random_features_probe",
+    )
+    for variant in variants:
         assert f"| {variant} |" in table
         for seed in (0, 1):
             run = workdir / variant / f"seed_{seed}"
@@ -108,9 +117,8 @@ def test_config_errors_exit_2_with_the_key_named(tmp_path, capsys, override, mes
     code, err = run_cli(["--workdir", str(tmp_path / "w"), *args], capsys)
     assert code == 2
     assert message in err
-    # Value errors are caught before anything runs: no workdir, nothing compiled or written.
-    if "matches no" not in message:
-        assert not (tmp_path / "w").exists()
+    # Caught before anything compiles or is written: not even the workdir exists.
+    assert not (tmp_path / "w").exists()
 
 
 def test_missing_config_file(capsys, tmp_path):

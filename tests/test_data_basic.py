@@ -222,7 +222,9 @@ def test_npz_float_labels_regression(tmp_path):
     label_of = {k: float(np.float32(lab)) for k, lab in zip(row_keys(inputs), labels)}
     for s in (ds.train, ds.val, ds.test):
         expected = [label_of[k] for k in row_keys(s.inputs)]
-        np.testing.assert_allclose(ds.original_units(s.labels)[:, 0], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            ds.original_units(s.labels)[:, 0], expected, rtol=1e-5, atol=1e-5
+        )
     # targets are standardised with the training split's statistics
     assert abs(ds.train.labels.mean()) < 1e-5 and abs(ds.train.labels.std() - 1) < 1e-3
 
@@ -236,7 +238,9 @@ def test_diabetes_is_regression():
     assert sum(len(s) for s in (ds.train, ds.val, ds.test)) == len(d.target)
     all_labels = np.concatenate([ds.train.labels, ds.val.labels, ds.test.labels])
     np.testing.assert_allclose(
-        np.sort(ds.original_units(all_labels)[:, 0]), np.sort(d.target.astype(np.float32)), rtol=1e-5
+        np.sort(ds.original_units(all_labels)[:, 0]),
+        np.sort(d.target.astype(np.float32)),
+        rtol=1e-5,
     )
 
 

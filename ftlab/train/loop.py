@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections as mc
@@ -196,6 +197,21 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def prepare(cfg: mc.ConfigDict) -> tuple[Dataset, nn.Module, Method]:
+    """Validate the config and resolve data, model and method without compiling anything.
+
+    The method is resolved on parameter shapes alone (``jax.eval_shape``), so every config
+    error (a bad value, a regex that matches nothing, a LoRA rank too large, a batch larger
+    than the data) comes before any compilation or any file is written.
+    """
+    validate(cfg)
+    data = load_dataset(cfg.data)
+    steps_per_epoch(len(data.train), cfg.train.batch_size)
+    model = build_model(cfg.model, data.num_outputs, compute_dtype(cfg.train.compute_dtype))
+    shapes = jax.eval_shape(model.init, jax.random.key(cfg.seed), data.train.inputs[:1])
+    return data, model, build_method(cfg.method, shapes["params"])
+
+
 def train(
     cfg: mc.ConfigDict,
     workdir: str | Path,
@@ -204,23 +220,15 @@ def train(
 ) -> dict:
     """Run (or resume) the experiment described by ``cfg`` in ``workdir``; returns the summary."""
     start_time = time.time()
-    validate(cfg)
     use_fast_cpu_rng()
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-
-    # Data.
-    data = load_dataset(cfg.data)
+    data, model, method = prepare(cfg)
     for line in data.report().splitlines():
         log.info("data %s", line)
     per_epoch = steps_per_epoch(len(data.train), cfg.train.batch_size)
     total_steps = cfg.train.num_steps or cfg.train.num_epochs * per_epoch
-
-    # Model, method, optimiser, state.
-    dtype = compute_dtype(cfg.train.compute_dtype)
-    model = build_model(cfg.model, data.num_outputs, dtype)
-    params = init_params(cfg, model, data.train.inputs[:1])
-    method: Method = build_method(cfg.method, params)
+    sample = data.train.inputs[:1]
+    params = init_params(cfg, model, sample)
     tx, lr_schedule = optim.optimizer(cfg.optim, total_steps)
 
     @jax.jit  # one compilation instead of one per eager op on every leaf
@@ -238,6 +246,8 @@ def train(
     eval_step = jax.jit(make_eval_step(model, method, loss_fn))
 
     # Checkpoints: resume from the latest one if there is one.
+    workdir.mkdir(parents=True, exist_ok=True)
+    _save_config(workdir / "config.json", cfg)
     es_cfg = cfg.early_stopping
     ckpts = checkpoint.Checkpoints(
         workdir / "checkpoints",
@@ -252,7 +262,6 @@ def train(
         state, meta = ckpts.restore(state)
         log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
     stopper = _EarlyStopping(es_cfg, meta)
-    _save_config(workdir / "config.json", cfg)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
 
     step = int(state.step)

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from sklearn.linear_model import LinearRegression
 
 from ftlab import checkpoint, tree
 from ftlab.config import ConfigError
@@ -224,16 +225,27 @@ def test_regression_with_mse(tmp_path):
             "data.scale": 0.0,
             "model.name": "mlp",
             "train.loss": "mse",
-            "train.num_steps": 40,
+            "train.num_steps": 100,
+            "train.eval_every": 10,
             "early_stopping.metric": "val/mse",
         }
     )
     summary = train(cfg, tmp_path)
     assert set(summary["test"]) >= {"mse", "mae", "loss"}
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
-    assert records[-1]["train/loss"] < 0.5 * records[0]["train/loss"]
-    # labels are raw disease progression (~25..346): MAE must be well below their spread
-    assert summary["test"]["mae"] < 100
+    # targets are standardised for training, so the loss starts near 1 (predicting the mean)
+    assert records[-1]["train/loss"] < 0.7 * records[0]["train/loss"]
+    # metrics are in the original units (disease progression, ~25..346), and the MLP is about as
+    # good as scikit-learn's least-squares fit on the same split (an independent reference)
+    data = load_dataset(cfg.data)
+    test_targets = data.original_units(data.test.labels)
+    reference = LinearRegression().fit(data.train.inputs, data.train.labels)
+    reference_mse = float(
+        np.mean((data.original_units(reference.predict(data.test.inputs)) - test_targets) ** 2)
+    )
+    baseline_mse = float(np.mean((test_targets - data.target_mean) ** 2))  # predict the mean
+    assert summary["test"]["mse"] < min(1.15 * reference_mse, 0.85 * baseline_mse)
+    assert baseline_mse > 1000  # really in original units, not standardised ones
 
 
 def test_init_from_pretrained_checkpoint(tmp_path):

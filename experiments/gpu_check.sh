@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 } 2>&1 | tee "$OUT/env.txt"
 start=$(date +%s)
-timeout 200 python3 -m ftlab train configs/digits_transfer.py --workdir /tmp/gpu_run 2>&1 \
+timeout 320 python3 -m ftlab train configs/digits_transfer.py --workdir /tmp/gpu_run 2>&1 \
   | grep -v "step/s" > "$OUT/experiment_gpu.log"
 echo "default experiment: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
 cp /tmp/gpu_run/results.md "$OUT/results_gpu.md" 2>/dev/null

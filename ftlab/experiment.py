@@ -99,6 +99,7 @@ def _mean_std(values: list[float | None], sign: str = "") -> str | None:
 
 def write_comparison(workdir: Path, results: dict[str, list[dict]], curve_metric: str) -> None:
     """Markdown table (mean ± std over seeds), JSON of every run, and validation curves."""
+
     def score(run: dict) -> float | None:
         final = run["test"] or run["val"]
         return final.get("accuracy", final.get("mse"))

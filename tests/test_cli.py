@@ -99,21 +99,18 @@ def run_cli(args, capsys):
             "config.method.lora.targets: regex 'attn/q_proj' matches no kernel",
         ),
         (
+            "--config.early_stopping.metric=val/mse",
+            "config.early_stopping.metric: 'val/mse' is not computed for classification",
+        ),
+        (
             "--config.method.trainable=('heads/',)",
             "config.method.trainable: regex 'heads/' matches no parameter",
         ),
     ],
 )
 def test_config_errors_exit_2_with_the_key_named(tmp_path, capsys, override, message):
-    extra = [
-        "--config.method.name=lora",
-        "--config.method.lora.targets=('block_0/kernel',)",
-    ]
-    args = (extra if "lora.targets" not in override and "method.name" not in override else []) + [
-        override
-    ]
-    if "lora.targets" in override:
-        args = ["--config.method.name=lora", override]
+    # variants that set no method of their own run the base's: make it LoRA for the targets case
+    args = ["--config.method.name=lora", override] if "lora.targets" in override else [override]
     code, err = run_cli(["--workdir", str(tmp_path / "w"), *args], capsys)
     assert code == 2
     assert message in err

@@ -207,6 +207,15 @@ def prepare(cfg: mc.ConfigDict) -> tuple[Dataset, nn.Module, Method]:
     validate(cfg)
     data = load_dataset(cfg.data)
     steps_per_epoch(len(data.train), cfg.train.batch_size)
+    task_metrics = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+    if data.task == "regression":
+        task_metrics = ("mse", "mae")
+    computed = [f"val/{name}" for name in ("loss", *task_metrics)]
+    if cfg.early_stopping.metric not in computed:
+        raise ConfigError(
+            f"config.early_stopping.metric: {cfg.early_stopping.metric!r} is not computed for "
+            f"{data.task}; choose one of {', '.join(computed)}"
+        )
     model = build_model(cfg.model, data.num_outputs, compute_dtype(cfg.train.compute_dtype))
     shapes = jax.eval_shape(model.init, jax.random.key(cfg.seed), data.train.inputs[:1])
     return data, model, build_method(cfg.method, shapes["params"])
@@ -324,13 +333,8 @@ def train(
             if step % cfg.train.eval_every == 0 or step == total_steps:
                 flush()
                 val = evaluate(eval_step, state, data.val, data, cfg.train.eval_batch_size)
-                writer.write(step, metrics_lib.scalars(val, "val"))
                 scalars = metrics_lib.scalars(val, "val")
-                if es_cfg.metric not in scalars:
-                    raise ConfigError(
-                        f"config.early_stopping.metric: {es_cfg.metric!r} is not computed; "
-                        f"available: {', '.join(sorted(scalars))}"
-                    )
+                writer.write(step, scalars)
                 if stopper.update(step, scalars[es_cfg.metric]):
                     ckpts.save_best(step, state, stopper.meta(), scalars)
                 if stopper.stopped:
@@ -396,7 +400,7 @@ def train(
     }
     if jax.process_index() == 0:
         _write_outputs(workdir, summary, data, method, state)
-    log.info("done: %s", {k: v for k, v in metrics_lib.scalars(test or val).items()})
+    log.info("done: %s", metrics_lib.scalars(test or val))
     return summary
 
 

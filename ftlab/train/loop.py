@@ -64,7 +64,8 @@ def use_fast_cpu_rng() -> None:
 
 def init_params(cfg: mc.ConfigDict, model, sample: np.ndarray) -> dict:
     """Fresh parameters, overlaid with a pretrained checkpoint's (except ``init.reinit``)."""
-    params = jax.jit(model.init)(jax.random.key(cfg.seed), sample)["params"]
+    # unbox: models annotate weights with logical axis names (for sharding); steps use plain arrays
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(cfg.seed), sample)["params"])
     if not cfg.init.checkpoint:
         return params
     pretrained = tree.flatten(checkpoint.load_pytree(cfg.init.checkpoint))
@@ -218,7 +219,7 @@ def prepare(cfg: mc.ConfigDict) -> tuple[Dataset, nn.Module, Method]:
         )
     model = build_model(cfg.model, data.num_outputs, compute_dtype(cfg.train.compute_dtype))
     shapes = jax.eval_shape(model.init, jax.random.key(cfg.seed), data.train.inputs[:1])
-    return data, model, build_method(cfg.method, shapes["params"])
+    return data, model, build_method(cfg.method, nn.meta.unbox(shapes["params"]))
 
 
 def train(

@@ -1,0 +1,420 @@
+"""GPT-2 in Flax linen: pre-LN decoder, GELU (tanh), learned positions, tied LM head.
+
+Parameter paths (stable; LoRA and partial-training regexes are written against them)::
+
+    wte/embedding                      (vocab, embed)
+    wpe/embedding                      (positions, embed)
+    h_<i>/ln_1/{scale,bias}            (embed,)
+    h_<i>/attn/{q_proj,k_proj,v_proj}/kernel (embed, heads)   bias (heads,)
+    h_<i>/attn/c_proj/kernel           (heads, embed)         bias (embed,)
+    h_<i>/ln_2/{scale,bias}            (embed,)
+    h_<i>/mlp/c_fc/kernel              (embed, mlp)           bias (mlp,)
+    h_<i>/mlp/c_proj/kernel            (mlp, embed)           bias (embed,)
+    ln_f/{scale,bias}                  (embed,)
+    lm_head/kernel                     (embed, vocab)   only when embeddings are untied
+    score/kernel                       (embed, classes) head="classifier"
+
+Hugging Face's fused ``c_attn`` is three separate ``nn.Dense`` layers here, so a LoRA regex such
+as ``attn/(q|v)_proj/kernel`` adapts the query and value projections alone.
+
+Logical axis names (every weight is created with ``nn.with_logical_partitioning``, so the tree
+returned by ``init`` is boxed; use ``flax.linen.meta.unbox`` for plain arrays):
+
+- ``vocab``      token vocabulary
+- ``positions``  learned position table rows
+- ``embed``      model width (the residual stream)
+- ``heads``      attention heads x head size, flattened (query and output projections)
+- ``kv_heads``   key/value heads x head size, flattened (GPT-2: equal to ``heads``; LLaMA: GQA)
+- ``mlp``        feed-forward hidden width
+- ``classes``    classifier outputs
+
+The helpers ``attention``, ``attention_bias``, ``last_token_index`` and ``unpack_inputs`` are
+shared by the other decoder families (``ftlab.models.llama``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LOGICAL_AXES = ("vocab", "positions", "embed", "heads", "kv_heads", "mlp", "classes")
+HEADS = ("lm", "classifier", "none")
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "swish": nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation function named as in Hugging Face configs (``gelu_new`` is the tanh form)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(sorted(_ACTIVATIONS))}")
+    return _ACTIVATIONS[name]
+
+
+def hf_get(hf: Any, name: str, default: Any = None) -> Any:
+    """A field of a ``transformers`` config object or of its ``config.json`` dict."""
+    if isinstance(hf, Mapping):
+        value = hf.get(name, default)
+    else:
+        value = getattr(hf, name, default)
+    return default if value is None else value
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """The GPT-2 hyperparameters ftlab uses (names as in ``transformers.GPT2Config``)."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # None: 4 * n_embd
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = None
+    num_labels: int = 2
+
+    @property
+    def inner(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        activation(self.activation_function)
+
+    @classmethod
+    def from_hf_config(cls, hf: Any, **overrides: Any) -> GPT2Config:
+        """From a ``transformers.GPT2Config`` (or its ``config.json`` dict); ``overrides`` win.
+
+        ``num_labels`` is read from the config's ``id2label`` / ``num_labels`` when present.
+        """
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
+        values = {name: hf_get(hf, name, default) for name, default in fields.items()}
+        values["pad_token_id"] = hf_get(hf, "pad_token_id")
+        values["n_inner"] = hf_get(hf, "n_inner")
+        values["num_labels"] = _num_labels(hf, cls.num_labels)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _num_labels(hf: Any, default: int) -> int:
+    id2label = hf_get(hf, "id2label")
+    if id2label:
+        return len(id2label)
+    return int(hf_get(hf, "num_labels", default))
+
+
+# -- shared decoder helpers -----------------------------------------------------------------
+
+
+def unpack_inputs(
+    inputs: Any, attention_mask: jax.Array | None, position_ids: jax.Array | None
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """``input_ids`` or a batch dict ``{"input_ids", "attention_mask"?, "position_ids"?}``."""
+    if isinstance(inputs, Mapping):
+        if "input_ids" not in inputs:
+            raise KeyError(f"decoder inputs need 'input_ids'; got keys {sorted(inputs)}")
+        attention_mask = inputs.get("attention_mask", attention_mask)
+        position_ids = inputs.get("position_ids", position_ids)
+        inputs = inputs["input_ids"]
+    input_ids = jnp.asarray(inputs)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
+    return input_ids, attention_mask, position_ids
+
+
+def attention_bias(
+    attention_mask: jax.Array | None, batch: int, length: int, dtype: jnp.dtype = jnp.float32
+) -> jax.Array:
+    """Additive (batch, 1, query, key) bias: causal, plus padding keys masked out (mask 0)."""
+    allowed = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+    if attention_mask is not None:
+        keys = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
+        allowed = allowed & keys
+    allowed = jnp.broadcast_to(allowed, (batch, 1, length, length))
+    return jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array,
+    scale: float,
+    dropout: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+    """Multi-head / grouped-query attention, softmax in float32.
+
+    ``q``: (batch, length, heads, dim); ``k``, ``v``: (batch, length, kv_heads, dim) with
+    ``heads`` a multiple of ``kv_heads`` (query head ``h`` reads kv head ``h // group``);
+    ``bias``: (batch, 1, length, length). Returns (batch, length, heads, dim).
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    if h % kvh:
+        raise ValueError(f"{h} query heads are not a multiple of {kvh} key/value heads")
+    q = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) * scale
+    scores = scores + bias[:, :, None].astype(jnp.float32)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if dropout is not None:
+        weights = dropout(weights)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
+    return out.reshape(b, t, h, d)
+
+
+def last_token_index(
+    input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None
+) -> jax.Array:
+    """Per row, the position the sequence-classification head reads.
+
+    As Hugging Face: the rightmost token that is not ``pad_token_id`` when the config has one;
+    otherwise the rightmost position the attention mask keeps; otherwise the last position.
+    """
+    b, t = input_ids.shape
+    positions = jnp.arange(t)[None, :]
+    if pad_token_id is not None:
+        keep = input_ids != pad_token_id
+    elif attention_mask is not None:
+        keep = jnp.asarray(attention_mask).astype(bool)
+    else:
+        return jnp.full((b,), t - 1, jnp.int32)
+    return jnp.argmax(jnp.where(keep, positions, -1), axis=-1).astype(jnp.int32)
+
+
+def dense(
+    features: int,
+    axes: tuple[str, str],
+    *,
+    std: float,
+    use_bias: bool,
+    dtype: jnp.dtype,
+    param_dtype: jnp.dtype,
+    name: str,
+) -> nn.Dense:
+    """``nn.Dense`` with a normal(std) kernel and zero bias, both logically partitioned."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
+        name=name,
+    )
+
+
+def classify(
+    x: jax.Array,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    pad_token_id: int | None,
+    num_labels: int,
+    std: float,
+    dtype: jnp.dtype,
+    param_dtype: jnp.dtype,
+) -> jax.Array:
+    """The ``score`` head (no bias, as Hugging Face) on each row's last non-pad token.
+
+    Call inside a compact ``__call__``: the ``score`` layer is created in the calling module.
+    """
+    index = last_token_index(input_ids, attention_mask, pad_token_id)
+    pooled = jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
+    score = dense(
+        num_labels,
+        ("embed", "classes"),
+        std=std,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name="score",
+    )
+    return score(pooled).astype(jnp.float32)
+
+
+# -- GPT-2 ----------------------------------------------------------------------------------
+
+
+def _layer_norm(cfg: GPT2Config, dtype, param_dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_epsilon,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+class GPT2Attention(nn.Module):
+    config: GPT2Config
+    layer_idx: int = 0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array, train: bool = False) -> jax.Array:
+        cfg = self.config
+        b, t, _ = x.shape
+        std = cfg.initializer_range
+        kw = {"std": std, "use_bias": True, "dtype": self.dtype, "param_dtype": self.param_dtype}
+        q = dense(cfg.n_embd, ("embed", "heads"), name="q_proj", **kw)(x)
+        k = dense(cfg.n_embd, ("embed", "kv_heads"), name="k_proj", **kw)(x)
+        v = dense(cfg.n_embd, ("embed", "kv_heads"), name="v_proj", **kw)(x)
+        shape = (b, t, cfg.n_head, cfg.head_dim)
+        scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= self.layer_idx + 1
+        drop = nn.Dropout(cfg.attn_pdrop, deterministic=not train)
+        out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), bias, scale, drop)
+        kw["std"] = std / math.sqrt(2 * cfg.n_layer)
+        out = dense(cfg.n_embd, ("heads", "embed"), name="c_proj", **kw)(
+            out.reshape(b, t, cfg.n_embd)
+        )
+        return nn.Dropout(cfg.resid_pdrop, deterministic=not train)(out)
+
+
+class GPT2MLP(nn.Module):
+    config: GPT2Config
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        cfg = self.config
+        kw = {"use_bias": True, "dtype": self.dtype, "param_dtype": self.param_dtype}
+        h = dense(cfg.inner, ("embed", "mlp"), std=cfg.initializer_range, name="c_fc", **kw)(x)
+        h = activation(cfg.activation_function)(h)
+        std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
+        h = dense(cfg.n_embd, ("mlp", "embed"), std=std, name="c_proj", **kw)(h)
+        return nn.Dropout(cfg.resid_pdrop, deterministic=not train)(h)
+
+
+class GPT2Block(nn.Module):
+    config: GPT2Config
+    layer_idx: int = 0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array, train: bool = False) -> jax.Array:
+        cfg, dt, pdt = self.config, self.dtype, self.param_dtype
+        h = _layer_norm(cfg, dt, pdt, "ln_1")(x)
+        x = x + GPT2Attention(cfg, self.layer_idx, dt, pdt, name="attn")(h, bias, train)
+        h = _layer_norm(cfg, dt, pdt, "ln_2")(x)
+        return x + GPT2MLP(cfg, dt, pdt, name="mlp")(h, train)
+
+
+class GPT2(nn.Module):
+    """GPT-2 with a causal-LM head (``head="lm"``), a sequence classifier (``"classifier"``),
+    or none (``"none"``: final hidden states).
+
+    Call with token ids (batch, length) or a batch dict holding ``input_ids`` and optionally
+    ``attention_mask`` (1 = token, 0 = padding) and ``position_ids``. Logits are float32;
+    ``dtype`` is the compute dtype, parameters are kept in ``param_dtype``. ``remat``
+    recomputes each block in the backward pass (activation memory for compute).
+    """
+
+    config: GPT2Config
+    head: str = "lm"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs: Any,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        *,
+        train: bool = False,
+    ) -> jax.Array:
+        cfg, dt, pdt = self.config, self.dtype, self.param_dtype
+        if self.head not in HEADS:
+            raise ValueError(f"GPT2 head {self.head!r}: choose one of {', '.join(HEADS)}")
+        input_ids, attention_mask, position_ids = unpack_inputs(
+            inputs, attention_mask, position_ids
+        )
+        b, t = input_ids.shape
+        if t > cfg.n_positions:
+            raise ValueError(f"sequence length {t} exceeds n_positions {cfg.n_positions}")
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+        init = nn.initializers.normal(cfg.initializer_range)
+        wte = nn.Embed(
+            cfg.vocab_size,
+            cfg.n_embd,
+            dtype=dt,
+            param_dtype=pdt,
+            embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
+            name="wte",
+        )
+        wpe = nn.Embed(
+            cfg.n_positions,
+            cfg.n_embd,
+            dtype=dt,
+            param_dtype=pdt,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.01), ("positions", "embed")
+            ),
+            name="wpe",
+        )
+        x = wte(input_ids) + wpe(position_ids)
+        x = nn.Dropout(cfg.embd_pdrop, deterministic=not train)(x)
+        bias = attention_bias(attention_mask, b, t, dt)
+        block = nn.remat(GPT2Block, static_argnums=(3,)) if self.remat else GPT2Block
+        for i in range(cfg.n_layer):
+            x = block(cfg, i, dt, pdt, name=f"h_{i}")(x, bias, train)
+        x = _layer_norm(cfg, dt, pdt, "ln_f")(x)
+        if self.head == "none":
+            return x
+        if self.head == "classifier":
+            return classify(
+                x,
+                input_ids,
+                attention_mask,
+                cfg.pad_token_id,
+                cfg.num_labels,
+                cfg.initializer_range,
+                dt,
+                pdt,
+            )
+        if cfg.tie_word_embeddings:
+            return wte.attend(x).astype(jnp.float32)  # x @ wte.T
+        lm_head = dense(
+            cfg.vocab_size,
+            ("embed", "vocab"),
+            std=cfg.initializer_range,
+            use_bias=False,
+            dtype=dt,
+            param_dtype=pdt,
+            name="lm_head",
+        )
+        return lm_head(x).astype(jnp.float32)

@@ -16,7 +16,7 @@ METHODS = ("full", "frozen", "partial", "bitfit", "lora")
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 SCHEDULES = ("constant", "cosine", "linear")
 LOSSES = ("cross_entropy", "mse")
-MODELS = ("cnn", "mlp")
+MODELS = ("cnn", "mlp", "resnet")
 SOURCES = ("sklearn", "npz")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -45,6 +45,7 @@ def base_config() -> mc.ConfigDict:
     c.model.name = "cnn"
     c.model.features = (16, 32)
     c.model.hidden = (64,)
+    c.model.depths = (1, 1)  # resnet: blocks per stage (stage widths are model.features)
     c.model.dropout = 0.0
 
     c.init = mc.ConfigDict()

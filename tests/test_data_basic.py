@@ -54,7 +54,7 @@ def test_digits_classes_remapped(digits, raw_digits):
     for split in (digits.train, digits.val, digits.test):
         assert split.labels.dtype.kind == "i"
         assert set(np.unique(split.labels).tolist()) == {0, 1, 2, 3, 4}
-        assert split.inputs.shape[1:] == (8, 8)
+        assert split.inputs.shape[1:] == (8, 8, 1)
     # every example's remapped label matches the original label of a raw row with those inputs
     raw_inputs, raw_labels = raw_digits
     label_of = {}

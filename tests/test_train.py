@@ -5,6 +5,7 @@ import json
 import os
 import signal
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -61,17 +62,18 @@ def fresh(cfg):
     """Data, model, method and a freshly initialised (trainable, frozen) split for ``cfg``."""
     data = load_dataset(cfg.data)
     model = build_model(cfg.model, data.num_outputs, np.float32)
-    params = model.init(jax.random.key(cfg.seed), data.train.inputs[:1])["params"]
+    variables = nn.meta.unbox(model.init(jax.random.key(cfg.seed), data.train.inputs[:1]))
+    params = variables.pop("params")
     method = build_method(cfg.method, params)
     trainable, frozen = method.split(params, jax.random.key(0))
-    return data, model, method, params, trainable, frozen
+    return data, model, method, params, trainable, frozen, variables
 
 
 def final_state(workdir, cfg):
     """The last checkpoint's state, restored with a freshly built target."""
-    _, _, _, params, trainable, frozen = fresh(cfg)
+    _, _, _, params, trainable, frozen, model_state = fresh(cfg)
     tx, _ = optim.optimizer(cfg.optim, cfg.train.num_steps)
-    target = TrainState.create(trainable, frozen, tx, cfg.seed)
+    target = TrainState.create(trainable, frozen, tx, cfg.seed, model_state)
     ckpts = checkpoint.Checkpoints(workdir / "checkpoints", save_every=cfg.checkpoint.every_steps)
     state, meta = ckpts.restore(target)
     ckpts.close()
@@ -185,7 +187,7 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(tmp_path):
 
 
 def test_gradient_accumulation_matches_the_full_batch():
-    data, model, method, _params, trainable, frozen = fresh(tiny_config())
+    data, model, method, _params, trainable, frozen, _ = fresh(tiny_config())
     tx = optax.sgd(0.1)
     loss = losses.per_example_loss("cross_entropy")
     batch = {"inputs": data.train.inputs[:16], "labels": data.train.labels[:16]}
@@ -202,7 +204,7 @@ def test_gradient_accumulation_matches_the_full_batch():
 
 
 def test_metrics_cover_the_whole_split_not_the_last_batch():
-    data, model, method, params, trainable, frozen = fresh(tiny_config())
+    data, model, method, params, trainable, frozen, _ = fresh(tiny_config())
     state = TrainState.create(trainable, frozen, optax.sgd(0.1), 0)
     eval_step = jax.jit(make_eval_step(model, method, losses.per_example_loss("cross_entropy")))
     batched = evaluate(

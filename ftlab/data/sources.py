@@ -40,7 +40,8 @@ def from_sklearn(name: str) -> RawData:
 
     loader, task = SKLEARN_SETS[name]
     bunch = getattr(sklearn.datasets, loader)()
-    inputs = bunch.images if name == "digits" else bunch.data  # digits keep their 8x8 shape
+    # digits keep their image shape, as NHWC with one channel (8, 8, 1)
+    inputs = bunch.images[..., None] if name == "digits" else bunch.data
     if task == "classification":
         names = [str(n) for n in getattr(bunch, "target_names", np.unique(bunch.target))]
         return RawData(inputs.astype(np.float32), bunch.target.astype(np.int32), task, names)

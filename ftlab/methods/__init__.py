@@ -12,7 +12,7 @@ Trainable tree layout: ``{"params": <trained base leaves, nested>, "lora": {<ker
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -77,13 +77,24 @@ class Method:
         *,
         train: bool,
         rng: jax.Array | None = None,
+        model_state: Mapping | None = None,
+        update_state: bool = False,
     ) -> Any:
-        """``model.apply`` on the combined tree; LoRA runs factored inside its layers."""
+        """``model.apply`` on the combined tree; LoRA runs factored inside its layers.
+
+        ``model_state`` holds the model's other collections (BatchNorm ``batch_stats``);
+        with ``update_state`` (training) it returns ``(outputs, updated model_state)``.
+        """
         params = self.base_params(trainable, frozen)
+        model_state = dict(model_state or {})
         rngs = {"dropout": jax.random.fold_in(rng, 0)} if (train and rng is not None) else {}
-        call: Callable[[], Any] = lambda: model.apply(
-            {"params": params}, inputs, train=train, rngs=rngs
-        )
+        mutable = list(model_state) if update_state else False
+
+        def call():  # with a mutable list (even empty), flax returns (outputs, updated state)
+            return model.apply(
+                {"params": params, **model_state}, inputs, train=train, rngs=rngs, mutable=mutable
+            )
+
         if not self.lora_targets:
             return call()
         factors = {p.rsplit("/", 1)[0]: f for p, f in self._factors(trainable).items()}

@@ -18,6 +18,18 @@ def build_model(cfg: mc.ConfigDict, num_outputs: int, dtype: jnp.dtype):
             dropout=cfg.dropout,
             dtype=dtype,
         )
+    if cfg.name == "resnet":  # small ResNet (basic blocks, BatchNorm) for image experiments
+        from ftlab.models.resnet import ResNet
+
+        return ResNet(
+            depths=tuple(cfg.depths),
+            hidden_sizes=tuple(cfg.features),
+            embedding_size=cfg.features[0],
+            layer_type="basic",
+            dropout=cfg.dropout,
+            num_labels=num_outputs,
+            dtype=dtype,
+        )
     if cfg.name == "mlp":
         return MLP(num_outputs, tuple(cfg.hidden), dropout=cfg.dropout, dtype=dtype)
     raise ValueError(f"unknown model {cfg.name!r}")

@@ -62,35 +62,58 @@ def use_fast_cpu_rng() -> None:
         jax.config.update("jax_threefry_partitionable", False)
 
 
-def init_params(cfg: mc.ConfigDict, model, sample: np.ndarray) -> dict:
-    """Fresh parameters, overlaid with a pretrained checkpoint's (except ``init.reinit``)."""
+def init_variables(cfg: mc.ConfigDict, model, sample: np.ndarray) -> tuple[dict, dict]:
+    """Fresh ``(params, model_state)``, overlaid with a pretrained run's (except ``init.reinit``).
+
+    ``init.checkpoint`` names a run's ``params`` folder; BatchNorm statistics saved beside it
+    (``model_state``) come along when the model has such collections.
+    """
     # unbox: models annotate weights with logical axis names (for sharding); steps use plain arrays
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(cfg.seed), sample)["params"])
+    variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(cfg.seed), sample))
+    params = variables.pop("params")
+    model_state = dict(variables)
     if not cfg.init.checkpoint:
-        return params
-    pretrained = tree.flatten(checkpoint.load_pytree(cfg.init.checkpoint))
+        return params, model_state
     flat = tree.flatten(params)
     fresh = by_regexes(sorted(flat), cfg.init.reinit, "init.reinit")
-    for path, value in flat.items():
-        if path in fresh:
-            continue
-        if path not in pretrained:
-            raise ConfigError(
-                f"config.init.checkpoint: {cfg.init.checkpoint} has no {path!r}; add it to init.reinit "
-                "to keep its fresh initialisation"
-            )
-        if pretrained[path].shape != value.shape:
-            raise ConfigError(
-                f"config.init.checkpoint: {path!r} has shape {pretrained[path].shape} in the checkpoint, "
-                f"{value.shape} in the model; add it to init.reinit (a new head, say)"
-            )
-        flat[path] = jnp.asarray(pretrained[path], value.dtype)
+    params = tree.unflatten(_overlay(flat, checkpoint.load_pytree(cfg.init.checkpoint), fresh, cfg))
+    saved_state = Path(cfg.init.checkpoint).parent / "model_state"
+    if model_state and saved_state.exists():
+        flat_state = tree.flatten(model_state)  # "<collection>/<param path>"
+        kept = {
+            p
+            for p in flat_state
+            if p.split("/", 1)[1].rsplit("/", 1)[0] in {f.rsplit("/", 1)[0] for f in fresh}
+        }
+        saved = checkpoint.load_pytree(saved_state)
+        model_state = tree.unflatten(_overlay(flat_state, saved, kept, cfg))
     log.info(
         "initialised from %s (kept fresh: %s)",
         cfg.init.checkpoint,
         ", ".join(sorted(fresh)) or "none",
     )
-    return tree.unflatten(flat)
+    return params, model_state
+
+
+def _overlay(flat: dict, saved, keep_fresh: set[str], cfg: mc.ConfigDict) -> dict:
+    """Leaves of ``flat`` replaced by the saved ones of the same path and shape."""
+    saved = tree.flatten(saved)
+    out = dict(flat)
+    for path, value in flat.items():
+        if path in keep_fresh:
+            continue
+        if path not in saved:
+            raise ConfigError(
+                f"config.init.checkpoint: {cfg.init.checkpoint} has no {path!r}; add it to "
+                "init.reinit to keep its fresh initialisation"
+            )
+        if saved[path].shape != value.shape:
+            raise ConfigError(
+                f"config.init.checkpoint: {path!r} has shape {saved[path].shape} in the checkpoint, "
+                f"{value.shape} in the model; add it to init.reinit (a new head, say)"
+            )
+        out[path] = jnp.asarray(saved[path], value.dtype)
+    return out
 
 
 def evaluate(eval_step, state: TrainState, split: Split, data: Dataset, batch_size: int) -> dict:
@@ -238,15 +261,15 @@ def train(
     per_epoch = steps_per_epoch(len(data.train), cfg.train.batch_size)
     total_steps = cfg.train.num_steps or cfg.train.num_epochs * per_epoch
     sample = data.train.inputs[:1]
-    params = init_params(cfg, model, sample)
+    params, model_state = init_variables(cfg, model, sample)
     tx, lr_schedule = optim.optimizer(cfg.optim, total_steps)
 
     @jax.jit  # one compilation instead of one per eager op on every leaf
-    def create_state(params):
+    def create_state(params, model_state):
         trainable, frozen = method.split(params, jax.random.key(cfg.seed + 1))
-        return TrainState.create(trainable, frozen, tx, cfg.seed)
+        return TrainState.create(trainable, frozen, tx, cfg.seed, model_state)
 
-    state = create_state(params)
+    state = create_state(params, model_state)
     log.info("%s", method.summary(state.trainable, state.frozen))
     loss_fn = losses.per_example_loss(cfg.train.loss, cfg.train.label_smoothing)
     train_step = jax.jit(
@@ -429,3 +452,5 @@ def _write_outputs(
         checkpoint.save_pytree(
             params_dir, jax.jit(method.merged_params)(state.trainable, state.frozen)
         )
+    if state.model_state and not (workdir / "model_state").exists():
+        checkpoint.save_pytree(workdir / "model_state", state.model_state)

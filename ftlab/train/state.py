@@ -17,15 +17,24 @@ class TrainState:
     frozen: Any  # every other base leaf, never differentiated
     opt_state: optax.OptState  # only for the trainable leaves
     rng: jax.Array  # raw uint32 key data (checkpoint friendly); step keys are folded from it
+    model_state: Any = flax.struct.field(default_factory=dict)  # e.g. BatchNorm batch_stats
 
     @classmethod
-    def create(cls, trainable: Any, frozen: Any, tx: optax.GradientTransformation, seed: int):
+    def create(
+        cls,
+        trainable: Any,
+        frozen: Any,
+        tx: optax.GradientTransformation,
+        seed: int,
+        model_state: Any = None,
+    ):
         return cls(
             step=jnp.zeros((), jnp.int32),
             trainable=trainable,
             frozen=frozen,
             opt_state=tx.init(trainable),
             rng=jax.random.key_data(jax.random.key(seed)),
+            model_state=dict(model_state or {}),
         )
 
     def step_rng(self) -> jax.Array:

@@ -32,29 +32,48 @@ def make_train_step(
     """One optimizer update; with ``accum_steps > 1`` the batch is split into micro-batches
     whose gradients are averaged (same update as the full batch, less activation memory)."""
 
-    def loss_fn(trainable, frozen, batch: Batch, rng: jax.Array) -> jax.Array:
-        outputs = method.apply(model, trainable, frozen, batch["inputs"], train=True, rng=rng)
-        return weighted_mean(per_example_loss(outputs, batch), batch.get("weights"))
+    def loss_fn(trainable, frozen, model_state, batch: Batch, rng: jax.Array):
+        outputs, model_state = method.apply(
+            model,
+            trainable,
+            frozen,
+            batch["inputs"],
+            train=True,
+            rng=rng,
+            model_state=model_state,
+            update_state=True,
+        )
+        loss = weighted_mean(per_example_loss(outputs, batch), batch.get("weights"))
+        return loss, model_state
 
-    grad_fn = jax.value_and_grad(loss_fn)  # w.r.t. the trainable subtree only
+    # w.r.t. the trainable subtree only; updated batch statistics ride along as aux
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng = state.step_rng()
         if accum_steps == 1:
-            loss, grads = grad_fn(state.trainable, state.frozen, batch, rng)
+            (loss, model_state), grads = grad_fn(
+                state.trainable, state.frozen, state.model_state, batch, rng
+            )
         else:
             micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
 
             def accumulate(carry, inputs):
+                loss_sum, grad_sum, model_state = carry
                 i, mb = inputs
-                loss, grads = grad_fn(state.trainable, state.frozen, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+                (loss, model_state), grads = grad_fn(
+                    state.trainable, state.frozen, model_state, mb, jax.random.fold_in(rng, i)
+                )
+                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads), model_state), None
 
             zeros = (
                 jnp.zeros((), jnp.float32),
                 jax.tree.map(jnp.zeros_like, state.trainable),
+                state.model_state,
             )
-            (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro))
+            (loss, grads, model_state), _ = jax.lax.scan(
+                accumulate, zeros, (jnp.arange(accum_steps), micro)
+            )
             loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
@@ -63,7 +82,10 @@ def make_train_step(
             "grad_norm": optax.tree_utils.tree_norm(grads),
             "lr": lr_schedule(state.step),
         }
-        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+        new_state = state.replace(
+            step=state.step + 1, trainable=trainable, opt_state=opt_state, model_state=model_state
+        )
+        return new_state, metrics
 
     return train_step
 
@@ -77,7 +99,14 @@ def make_eval_step(
     whole split (never on one batch)."""
 
     def eval_step(state: TrainState, batch: Batch) -> dict:
-        outputs = method.apply(model, state.trainable, state.frozen, batch["inputs"], train=False)
+        outputs = method.apply(
+            model,
+            state.trainable,
+            state.frozen,
+            batch["inputs"],
+            train=False,
+            model_state=state.model_state,
+        )
         return {
             "outputs": outputs.astype(jnp.float32),
             "loss": per_example_loss(outputs, batch),

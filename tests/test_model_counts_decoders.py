@@ -21,6 +21,18 @@ def boxed_shapes(model):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), ids)["params"])
 
 
+def llama_hf(hidden, layers, heads, mlp, vocab, **fields):
+    """A ``transformers.LlamaConfig`` of the given widths and depth (other fields as given)."""
+    return transformers.LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=mlp,
+        vocab_size=vocab,
+        **fields,
+    )
+
+
 def method_config(name, **fields):
     cfg = base_config().method
     cfg.name = name
@@ -47,14 +59,7 @@ def gpt2_medium():
 
 @pytest.fixture(scope="module")
 def llama_7b():
-    hf = transformers.LlamaConfig(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        intermediate_size=11008,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-    )
+    hf = llama_hf(4096, 32, 32, 11008, 32000, tie_word_embeddings=False)
     boxed = boxed_shapes(Llama(LlamaConfig.from_hf_config(hf)))
     return boxed, nn.meta.unbox(boxed)
 
@@ -143,16 +148,7 @@ def test_logical_axes_on_every_weight(gpt2_medium, llama_7b):
 
 
 def test_gqa_tied_and_classifier_shapes():
-    hf = transformers.LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=96,
-        vocab_size=50,
-        tie_word_embeddings=True,
-        num_labels=5,
-    )
+    hf = llama_hf(64, 1, 8, 96, 50, num_key_value_heads=2, tie_word_embeddings=True, num_labels=5)
     cfg = LlamaConfig.from_hf_config(hf)
     assert (cfg.kv_heads, cfg.dim, cfg.num_labels) == (2, 8, 5)
     lm = tree.flatten(nn.meta.unbox(boxed_shapes(Llama(cfg))))

@@ -15,6 +15,18 @@ from ftlab.models.resnet import ResNet
 from ftlab.models.vit import ViT
 
 
+def _vit_config(image, patch, hidden, layers, heads, mlp, labels):
+    return ViTConfig(
+        image_size=image,
+        patch_size=patch,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=mlp,
+        num_labels=labels,
+    )
+
+
 def _variables(model, sample):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), sample))
 
@@ -45,16 +57,7 @@ def test_bert_base_count_and_paths():
 
 
 def test_vit_b16_count_and_paths():
-    config = ViTConfig(
-        image_size=224,
-        patch_size=16,
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        num_labels=1000,
-    )
-    model = ViT.from_hf_config(config)
+    model = ViT.from_hf_config(_vit_config(224, 16, 768, 12, 12, 3072, 1000))
     variables = _variables(model, jnp.zeros((1, 224, 224, 3)))
     params = nn.meta.unbox(variables["params"])
     assert tree.count(params) == 86_567_656
@@ -94,16 +97,8 @@ def test_resnet18_basic_blocks_count():
 
 
 def test_compute_dtype_keeps_float32_params():
-    model = ViT(
-        image_size=8,
-        patch_size=4,
-        hidden_size=16,
-        num_layers=1,
-        num_heads=2,
-        mlp_size=32,
-        num_labels=3,
-        dtype=jnp.bfloat16,
-    )
+    model = ViT.from_hf_config(_vit_config(8, 4, 16, 1, 2, 32, 3), dtype=jnp.bfloat16)
+    assert (model.num_layers, model.mlp_size, model.hidden_dropout) == (1, 32, 0.0)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, 8, 8, 3)))
     params = nn.meta.unbox(variables["params"])
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype("float32")}

@@ -28,121 +28,23 @@ and ``token_type_ids``) and returns logits when ``num_labels > 0``, else the poo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: nn.gelu(x, approximate=True),
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "tanh": jnp.tanh,
-}
-
-
-def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """The activation HF calls ``name`` (``gelu`` is the exact erf form, as in PyTorch)."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
-
-
-def dense(
-    features: int,
-    axes: tuple[str | None, str | None],
-    *,
-    dtype: Any,
-    param_dtype: Any,
-    name: str,
-    stddev: float = 0.02,
-    use_bias: bool = True,
-) -> nn.Dense:
-    """``nn.Dense`` with logically named kernel and bias (normal(stddev) init, zero bias)."""
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(stddev), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
-        name=name,
-    )
-
-
-def layer_norm(eps: float, axis: str, *, dtype: Any, param_dtype: Any, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=eps,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis,)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis,)),
-        name=name,
-    )
-
-
-class SelfAttention(nn.Module):
-    """Multi-head attention with ``query``/``key``/``value``/``output`` dense projections.
-
-    ``bias`` is additive, broadcastable to (batch, heads, q_len, k_len); softmax runs in float32.
-    """
-
-    hidden_size: int
-    num_heads: int
-    attention_dropout: float = 0.0
-    use_bias: bool = True
-    stddev: float = 0.02
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array | None = None, *, train: bool = False):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
-        head_dim = self.hidden_size // self.num_heads
-        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype, "stddev": self.stddev}
-
-        def heads(name: str) -> jax.Array:
-            y = dense(
-                self.hidden_size, ("embed", "heads"), use_bias=self.use_bias, name=name, **kw
-            )(x)
-            return y.reshape(*y.shape[:-1], self.num_heads, head_dim)
-
-        q, k, v = heads("query"), heads("key"), heads("value")
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
-        scores = scores.astype(jnp.float32)
-        if bias is not None:
-            scores = scores + bias.astype(jnp.float32)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        probs = nn.Dropout(self.attention_dropout, deterministic=not train)(probs)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*x.shape[:-1], self.hidden_size)
-        return dense(self.hidden_size, ("heads", "embed"), name="output", **kw)(out)
-
-
-def hf_config_dict(config: Any) -> dict[str, Any]:
-    """A transformers config (or its dict) as a plain dict that always holds ``num_labels``."""
-    if isinstance(config, Mapping):
-        c = dict(config)
-    else:
-        c = config.to_dict()
-        c["num_labels"] = getattr(config, "num_labels", None)
-    if c.get("num_labels") is None:
-        c["num_labels"] = len(c.get("id2label") or {}) or 2
-    return c
-
-
-def padding_bias(attention_mask: jax.Array) -> jax.Array:
-    """(batch, k_len) 1/0 mask -> additive (batch, 1, 1, k_len) bias (float32 min where 0)."""
-    keep = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
-    return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+from ftlab.models.layers import (  # noqa: F401  (re-exported: imported from here before)
+    ACTIVATIONS,
+    SelfAttention,
+    activation,
+    dense,
+    hf_config_dict,
+    hf_fields,
+    layer_norm,
+    padding_bias,
+)
 
 
 class BertLayer(nn.Module):
@@ -232,21 +134,27 @@ class Bert(nn.Module):
                 f"position_embedding_type {c['position_embedding_type']!r} is not supported "
                 "(only 'absolute')"
             )
-        kwargs = {
-            "vocab_size": c["vocab_size"],
-            "hidden_size": c["hidden_size"],
-            "num_layers": c["num_hidden_layers"],
-            "num_heads": c["num_attention_heads"],
-            "intermediate_size": c["intermediate_size"],
-            "max_position_embeddings": c["max_position_embeddings"],
-            "type_vocab_size": c["type_vocab_size"],
-            "hidden_act": c.get("hidden_act", "gelu"),
-            "layer_norm_eps": c.get("layer_norm_eps", 1e-12),
-            "hidden_dropout": c.get("hidden_dropout_prob", 0.1),
-            "attention_dropout": c.get("attention_probs_dropout_prob", 0.1),
-            "classifier_dropout": c.get("classifier_dropout"),
-            "num_labels": c["num_labels"],
-        }
+        kwargs = hf_fields(
+            cls,
+            c,
+            required=(
+                "vocab_size",
+                "hidden_size",
+                "num_layers",
+                "num_heads",
+                "intermediate_size",
+                "max_position_embeddings",
+                "type_vocab_size",
+                "num_labels",
+            ),
+            optional=(
+                "hidden_act",
+                "layer_norm_eps",
+                "hidden_dropout",
+                "attention_dropout",
+                "classifier_dropout",
+            ),
+        )
         kwargs.update(overrides)
         return cls(**kwargs)
 

@@ -28,49 +28,38 @@ returned by ``init`` is boxed; use ``flax.linen.meta.unbox`` for plain arrays):
 - ``mlp``        feed-forward hidden width
 - ``classes``    classifier outputs
 
-The helpers ``attention``, ``attention_bias``, ``last_token_index`` and ``unpack_inputs`` are
-shared by the other decoder families (``ftlab.models.llama``).
+The helpers ``attention``, ``attention_bias``, ``last_token_index`` and ``unpack_inputs`` live in
+``ftlab.models.layers`` (shared with the other families) and are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ftlab.models.layers import (  # noqa: F401  (re-exported: other modules import them here)
+    HEADS,
+    Decoder,
+    activation,
+    attention,
+    attention_bias,
+    classify,
+    decoder_head,
+    decoder_inputs,
+    dense,
+    hf_get,
+    last_token_index,
+    layer_norm,
+    num_labels,
+    unpack_inputs,
+)
+
 LOGICAL_AXES = ("vocab", "positions", "embed", "heads", "kv_heads", "mlp", "classes")
-HEADS = ("lm", "classifier", "none")
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: nn.gelu(x, approximate=True),
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-}
-
-
-def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """The activation function named as in Hugging Face configs (``gelu_new`` is the tanh form)."""
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; known: {', '.join(sorted(_ACTIVATIONS))}")
-    return _ACTIVATIONS[name]
-
-
-def hf_get(hf: Any, name: str, default: Any = None) -> Any:
-    """A field of a ``transformers`` config object or of its ``config.json`` dict."""
-    if isinstance(hf, Mapping):
-        value = hf.get(name, default)
-    else:
-        value = getattr(hf, name, default)
-    return default if value is None else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,158 +107,16 @@ class GPT2Config:
         values = {name: hf_get(hf, name, default) for name, default in fields.items()}
         values["pad_token_id"] = hf_get(hf, "pad_token_id")
         values["n_inner"] = hf_get(hf, "n_inner")
-        values["num_labels"] = _num_labels(hf, cls.num_labels)
+        values["num_labels"] = num_labels(hf, cls.num_labels)
         values.update(overrides)
         return cls(**values)
-
-
-def _num_labels(hf: Any, default: int) -> int:
-    id2label = hf_get(hf, "id2label")
-    if id2label:
-        return len(id2label)
-    return int(hf_get(hf, "num_labels", default))
-
-
-# -- shared decoder helpers -----------------------------------------------------------------
-
-
-def unpack_inputs(
-    inputs: Any, attention_mask: jax.Array | None, position_ids: jax.Array | None
-) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-    """``input_ids`` or a batch dict ``{"input_ids", "attention_mask"?, "position_ids"?}``."""
-    if isinstance(inputs, Mapping):
-        if "input_ids" not in inputs:
-            raise KeyError(f"decoder inputs need 'input_ids'; got keys {sorted(inputs)}")
-        attention_mask = inputs.get("attention_mask", attention_mask)
-        position_ids = inputs.get("position_ids", position_ids)
-        inputs = inputs["input_ids"]
-    input_ids = jnp.asarray(inputs)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
-    return input_ids, attention_mask, position_ids
-
-
-def attention_bias(
-    attention_mask: jax.Array | None, batch: int, length: int, dtype: jnp.dtype = jnp.float32
-) -> jax.Array:
-    """Additive (batch, 1, query, key) bias: causal, plus padding keys masked out (mask 0)."""
-    allowed = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
-    if attention_mask is not None:
-        keys = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
-        allowed = allowed & keys
-    allowed = jnp.broadcast_to(allowed, (batch, 1, length, length))
-    return jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)
-
-
-def attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    bias: jax.Array,
-    scale: float,
-    dropout: Callable[[jax.Array], jax.Array] | None = None,
-) -> jax.Array:
-    """Multi-head / grouped-query attention, softmax in float32.
-
-    ``q``: (batch, length, heads, dim); ``k``, ``v``: (batch, length, kv_heads, dim) with
-    ``heads`` a multiple of ``kv_heads`` (query head ``h`` reads kv head ``h // group``);
-    ``bias``: (batch, 1, length, length). Returns (batch, length, heads, dim).
-    """
-    b, t, h, d = q.shape
-    kvh = k.shape[2]
-    if h % kvh:
-        raise ValueError(f"{h} query heads are not a multiple of {kvh} key/value heads")
-    q = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) * scale
-    scores = scores + bias[:, :, None].astype(jnp.float32)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    if dropout is not None:
-        weights = dropout(weights)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
-    return out.reshape(b, t, h, d)
-
-
-def last_token_index(
-    input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None
-) -> jax.Array:
-    """Per row, the position the sequence-classification head reads.
-
-    As Hugging Face: the rightmost token that is not ``pad_token_id`` when the config has one;
-    otherwise the rightmost position the attention mask keeps; otherwise the last position.
-    """
-    b, t = input_ids.shape
-    positions = jnp.arange(t)[None, :]
-    if pad_token_id is not None:
-        keep = input_ids != pad_token_id
-    elif attention_mask is not None:
-        keep = jnp.asarray(attention_mask).astype(bool)
-    else:
-        return jnp.full((b,), t - 1, jnp.int32)
-    return jnp.argmax(jnp.where(keep, positions, -1), axis=-1).astype(jnp.int32)
-
-
-def dense(
-    features: int,
-    axes: tuple[str, str],
-    *,
-    std: float,
-    use_bias: bool,
-    dtype: jnp.dtype,
-    param_dtype: jnp.dtype,
-    name: str,
-) -> nn.Dense:
-    """``nn.Dense`` with a normal(std) kernel and zero bias, both logically partitioned."""
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
-        name=name,
-    )
-
-
-def classify(
-    x: jax.Array,
-    input_ids: jax.Array,
-    attention_mask: jax.Array | None,
-    pad_token_id: int | None,
-    num_labels: int,
-    std: float,
-    dtype: jnp.dtype,
-    param_dtype: jnp.dtype,
-) -> jax.Array:
-    """The ``score`` head (no bias, as Hugging Face) on each row's last non-pad token.
-
-    Call inside a compact ``__call__``: the ``score`` layer is created in the calling module.
-    """
-    index = last_token_index(input_ids, attention_mask, pad_token_id)
-    pooled = jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
-    score = dense(
-        num_labels,
-        ("embed", "classes"),
-        std=std,
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name="score",
-    )
-    return score(pooled).astype(jnp.float32)
 
 
 # -- GPT-2 ----------------------------------------------------------------------------------
 
 
 def _layer_norm(cfg: GPT2Config, dtype, param_dtype, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=cfg.layer_norm_epsilon,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        name=name,
-    )
+    return layer_norm(cfg.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class GPT2Attention(nn.Module):
@@ -331,7 +178,7 @@ class GPT2Block(nn.Module):
         return x + GPT2MLP(cfg, dt, pdt, name="mlp")(h, train)
 
 
-class GPT2(nn.Module):
+class GPT2(Decoder):
     """GPT-2 with a causal-LM head (``head="lm"``), a sequence classifier (``"classifier"``),
     or none (``"none"``: final hidden states).
 
@@ -341,32 +188,11 @@ class GPT2(nn.Module):
     recomputes each block in the backward pass (activation memory for compute).
     """
 
-    config: GPT2Config
-    head: str = "lm"
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    remat: bool = False
-
-    @nn.compact
-    def __call__(
-        self,
-        inputs: Any,
-        attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        *,
-        train: bool = False,
-    ) -> jax.Array:
+    def backbone(self, input_ids, attention_mask, position_ids, train):  # see Decoder
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-        if self.head not in HEADS:
-            raise ValueError(f"GPT2 head {self.head!r}: choose one of {', '.join(HEADS)}")
-        input_ids, attention_mask, position_ids = unpack_inputs(
-            inputs, attention_mask, position_ids
-        )
         b, t = input_ids.shape
         if t > cfg.n_positions:
             raise ValueError(f"sequence length {t} exceeds n_positions {cfg.n_positions}")
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
         init = nn.initializers.normal(cfg.initializer_range)
         wte = nn.Embed(
             cfg.vocab_size,
@@ -393,28 +219,4 @@ class GPT2(nn.Module):
         for i in range(cfg.n_layer):
             x = block(cfg, i, dt, pdt, name=f"h_{i}")(x, bias, train)
         x = _layer_norm(cfg, dt, pdt, "ln_f")(x)
-        if self.head == "none":
-            return x
-        if self.head == "classifier":
-            return classify(
-                x,
-                input_ids,
-                attention_mask,
-                cfg.pad_token_id,
-                cfg.num_labels,
-                cfg.initializer_range,
-                dt,
-                pdt,
-            )
-        if cfg.tie_word_embeddings:
-            return wte.attend(x).astype(jnp.float32)  # x @ wte.T
-        lm_head = dense(
-            cfg.vocab_size,
-            ("embed", "vocab"),
-            std=cfg.initializer_range,
-            use_bias=False,
-            dtype=dt,
-            param_dtype=pdt,
-            name="lm_head",
-        )
-        return lm_head(x).astype(jnp.float32)
+        return x, wte

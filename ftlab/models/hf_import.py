@@ -85,6 +85,18 @@ def linear(template: str) -> Handler:
     return rename(template, transpose_linear)
 
 
+def linear_or_bias(template: str) -> Handler:
+    """For a pattern ending in ``(weight|bias)``: the leaf ``template.format(*other groups)``
+    plus ``/kernel`` (weight transposed) or ``/bias``."""
+
+    def handle(match: re.Match, array: np.ndarray) -> dict[str, np.ndarray]:
+        *groups, kind = match.groups()
+        leaf = "kernel" if kind == "weight" else "bias"
+        return {f"{template.format(*groups)}/{leaf}": transpose_linear(array)}
+
+    return handle
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """How one Hugging Face ``model_type`` maps onto an ftlab model.
@@ -228,19 +240,11 @@ LLAMA_FAMILY = Family(
         Rule(r"embed_tokens\.weight", rename("embed_tokens/embedding")),
         Rule(
             r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)",
-            lambda m, a: {
-                f"layers_{m[1]}/self_attn/{m[2]}/{'kernel' if m[3] == 'weight' else 'bias'}": (
-                    transpose_linear(a)
-                )
-            },
+            linear_or_bias("layers_{0}/self_attn/{1}"),
         ),
         Rule(
             r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)",
-            lambda m, a: {
-                f"layers_{m[1]}/mlp/{m[2]}/{'kernel' if m[3] == 'weight' else 'bias'}": (
-                    transpose_linear(a)
-                )
-            },
+            linear_or_bias("layers_{0}/mlp/{1}"),
         ),
         Rule(
             r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",

@@ -1,7 +1,8 @@
 """Load HF PyTorch encoder checkpoints (BERT, ViT, ResNet) into ftlab's Flax parameter trees.
 
-A checkpoint is a local directory with ``config.json`` and ``model.safetensors`` (read with
-``safetensors.numpy``; torch is not needed). Every leaf the Flax model expects is named by the HF
+A checkpoint is a model directory (or a hub id) as ``ftlab.models.hf_import`` reads it: the same
+directory/hub resolution, ``config.json`` reading and safetensors files (single or sharded; torch
+is not needed), and the same ``HFImportError``. Every leaf the Flax model expects is named by the HF
 tensor it comes from, converted (Linear weights transposed, conv weights OIHW -> HWIO, BatchNorm
 running mean/var into ``batch_stats``) and checked against the model's shape. Problems are
 collected and raised together as one ``HFImportError`` naming each tensor: missing from the
@@ -17,8 +18,7 @@ model does not (``cls.predictions.*`` of a pre-training checkpoint), ``ignore_un
 
 from __future__ import annotations
 
-import json
-import pathlib
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -27,10 +27,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file
 
 from ftlab import tree
 from ftlab.models.bert import Bert
+from ftlab.models.hf_import import (
+    HFImportError,
+    abstract_variables,
+    iter_tensors,
+    read_config,
+    resolve,
+)
 from ftlab.models.resnet import ResNet
 from ftlab.models.vit import ViT
 
@@ -40,22 +46,13 @@ ALWAYS_IGNORED = (r"\.num_batches_tracked$", r"\.position_ids$")
 KeyFn = Callable[[str], tuple[str, str]]  # Flax "collection/path" -> (HF key, kind)
 
 
-class HFImportError(ValueError):
-    """A checkpoint that does not fit the model; the message names every offending tensor."""
-
-
 # -- reading ------------------------------------------------------------------------------
-def read_checkpoint(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(config dict, tensors) of a local HF directory with config.json and model.safetensors."""
-    path = pathlib.Path(path)
-    config_file, weights = path / "config.json", path / "model.safetensors"
-    for f in (config_file, weights):
-        if not f.is_file():
-            raise FileNotFoundError(
-                f"{f} not found (expected an HF directory saved as safetensors)"
-            )
-    config = json.loads(config_file.read_text())
-    return config, load_file(str(weights))
+def read_checkpoint(
+    path: str | os.PathLike, *, revision: str | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config dict, tensors) of a HF model directory (or hub id) saved as safetensors."""
+    directory = resolve(path, revision=revision)
+    return read_config(directory), dict(iter_tensors(directory))
 
 
 # -- Flax path -> HF key, per architecture --------------------------------------------------
@@ -185,8 +182,7 @@ def _aliases(key: str) -> list[str]:
 
 
 def _shapes(model: nn.Module, sample: Any) -> dict[str, jax.ShapeDtypeStruct]:
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), sample))
-    return tree.flatten(nn.meta.unbox(variables))
+    return tree.flatten(nn.meta.unbox(abstract_variables(model, sample)))
 
 
 def _sample_input(model: nn.Module, num_channels: int) -> Any:
@@ -288,20 +284,21 @@ MODELS: dict[str, type[nn.Module]] = {"bert": Bert, "vit": ViT, "resnet": ResNet
 
 
 def load_hf_encoder(
-    path: str | pathlib.Path,
+    path: str | os.PathLike,
     *,
+    revision: str | None = None,
     allow_missing: Sequence[str] = (),
     ignore_unexpected: Sequence[str] = (),
     rng: jax.Array | None = None,
     **overrides: Any,
 ) -> tuple[nn.Module, dict[str, dict]]:
-    """(model, variables) from a local HF BERT / ViT / ResNet directory.
+    """(model, variables) from a HF BERT / ViT / ResNet directory (or hub id at ``revision``).
 
     ``overrides`` go to the model's ``from_hf_config`` (``dtype=jnp.bfloat16``, ``num_labels=10``,
     ``hidden_dropout=0.0``, ...). ``variables`` holds ``params`` (and ``batch_stats`` for ResNet)
     as float32 numpy arrays.
     """
-    config, tensors = read_checkpoint(path)
+    config, tensors = read_checkpoint(path, revision=revision)
     model_type = config.get("model_type")
     if model_type not in MODELS:
         raise HFImportError(

@@ -35,15 +35,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftlab.models.gpt2 import (
-    HEADS,
+from ftlab.models.layers import (
+    Decoder,
     activation,
     attention,
     attention_bias,
-    classify,
     dense,
     hf_get,
-    unpack_inputs,
+    num_labels,
 )
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -125,8 +124,7 @@ class LlamaConfig:
             rope["rope_type"] = rope.pop("type")
         values["rope_theta"] = float(rope.pop("rope_theta", cls.rope_theta))
         values["rope_scaling"] = tuple(sorted((k, v) for k, v in rope.items() if v is not None))
-        id2label = hf_get(hf, "id2label")
-        values["num_labels"] = len(id2label) if id2label else int(hf_get(hf, "num_labels", 2))
+        values["num_labels"] = num_labels(hf, cls.num_labels)
         values.update(overrides)
         return cls(**values)
 
@@ -181,6 +179,16 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * xf.astype(self.dtype)
 
 
+def _projection(cfg: LlamaConfig, use_bias: bool, module: nn.Module) -> dict[str, Any]:
+    """``dense`` keywords for a projection of ``module`` (its dtypes, the config's init)."""
+    return {
+        "std": cfg.initializer_range,
+        "use_bias": use_bias,
+        "dtype": module.dtype,
+        "param_dtype": module.param_dtype,
+    }
+
+
 class LlamaAttention(nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
@@ -198,12 +206,7 @@ class LlamaAttention(nn.Module):
         cfg = self.config
         b, t, _ = x.shape
         h, kvh, d = cfg.num_attention_heads, cfg.kv_heads, cfg.dim
-        kw = {
-            "std": cfg.initializer_range,
-            "use_bias": cfg.attention_bias,
-            "dtype": self.dtype,
-            "param_dtype": self.param_dtype,
-        }
+        kw = _projection(cfg, cfg.attention_bias, self)
         q = dense(h * d, ("embed", "heads"), name="q_proj", **kw)(x).reshape(b, t, h, d)
         k = dense(kvh * d, ("embed", "kv_heads"), name="k_proj", **kw)(x).reshape(b, t, kvh, d)
         v = dense(kvh * d, ("embed", "kv_heads"), name="v_proj", **kw)(x).reshape(b, t, kvh, d)
@@ -221,12 +224,7 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = {
-            "std": cfg.initializer_range,
-            "use_bias": cfg.mlp_bias,
-            "dtype": self.dtype,
-            "param_dtype": self.param_dtype,
-        }
+        kw = _projection(cfg, cfg.mlp_bias, self)
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
         h = activation(cfg.hidden_act)(gate) * up
@@ -255,7 +253,7 @@ class LlamaBlock(nn.Module):
         return x + drop(LlamaMLP(cfg, dt, pdt, name="mlp")(h))
 
 
-class Llama(nn.Module):
+class Llama(Decoder):
     """LLaMA with a causal-LM head (``head="lm"``), a sequence classifier (``"classifier"``),
     or none (``"none"``: final hidden states).
 
@@ -263,30 +261,9 @@ class Llama(nn.Module):
     ``attention_mask`` / ``position_ids`` (default ``0..length-1`` per row, as Hugging Face).
     """
 
-    config: LlamaConfig
-    head: str = "lm"
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    remat: bool = False
-
-    @nn.compact
-    def __call__(
-        self,
-        inputs: Any,
-        attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        *,
-        train: bool = False,
-    ) -> jax.Array:
+    def backbone(self, input_ids, attention_mask, position_ids, train):  # see Decoder
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-        if self.head not in HEADS:
-            raise ValueError(f"Llama head {self.head!r}: choose one of {', '.join(HEADS)}")
-        input_ids, attention_mask, position_ids = unpack_inputs(
-            inputs, attention_mask, position_ids
-        )
         b, t = input_ids.shape
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
         angles = jnp.asarray(position_ids, jnp.float32)[..., None] * rope_frequencies(cfg)
         angles = jnp.concatenate([angles, angles], axis=-1)
         cos, sin = jnp.cos(angles), jnp.sin(angles)
@@ -306,28 +283,4 @@ class Llama(nn.Module):
         for i in range(cfg.num_hidden_layers):
             x = block(cfg, dt, pdt, name=f"layers_{i}")(x, bias, cos, sin, train)
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="norm")(x)
-        if self.head == "none":
-            return x
-        if self.head == "classifier":
-            return classify(
-                x,
-                input_ids,
-                attention_mask,
-                cfg.pad_token_id,
-                cfg.num_labels,
-                cfg.initializer_range,
-                dt,
-                pdt,
-            )
-        if cfg.tie_word_embeddings:
-            return embed.attend(x).astype(jnp.float32)
-        lm_head = dense(
-            cfg.vocab_size,
-            ("embed", "vocab"),
-            std=cfg.initializer_range,
-            use_bias=False,
-            dtype=dt,
-            param_dtype=pdt,
-            name="lm_head",
-        )
-        return lm_head(x).astype(jnp.float32)
+        return x, embed

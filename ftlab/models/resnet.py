@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ftlab.models.bert import activation, hf_config_dict
+from ftlab.models.layers import activation, hf_fields
 
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # kaiming, as HF
 
@@ -163,17 +163,19 @@ class ResNet(nn.Module):
     @classmethod
     def from_hf_config(cls, config: Any, **overrides: Any) -> ResNet:
         """From a ``transformers.ResNetConfig`` (or its dict); keyword overrides win."""
-        c = hf_config_dict(config)
-        kwargs = {
-            "depths": tuple(c["depths"]),
-            "hidden_sizes": tuple(c["hidden_sizes"]),
-            "embedding_size": c["embedding_size"],
-            "layer_type": c.get("layer_type", "bottleneck"),
-            "hidden_act": c.get("hidden_act", "relu"),
-            "downsample_in_first_stage": c.get("downsample_in_first_stage", False),
-            "downsample_in_bottleneck": c.get("downsample_in_bottleneck", False),
-            "num_labels": c["num_labels"],
-        }
+        kwargs = hf_fields(
+            cls,
+            config,
+            required=("depths", "hidden_sizes", "embedding_size", "num_labels"),
+            optional=(
+                "layer_type",
+                "hidden_act",
+                "downsample_in_first_stage",
+                "downsample_in_bottleneck",
+            ),
+        )
+        for name in ("depths", "hidden_sizes"):
+            kwargs[name] = tuple(kwargs[name])
         kwargs.update(overrides)
         return cls(**kwargs)
 

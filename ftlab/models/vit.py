@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ftlab.models.bert import SelfAttention, activation, dense, hf_config_dict, layer_norm
+from ftlab.models.layers import SelfAttention, activation, dense, hf_fields, layer_norm
 
 
 class ViTLayer(nn.Module):
@@ -154,21 +154,26 @@ class ViT(nn.Module):
     @classmethod
     def from_hf_config(cls, config: Any, **overrides: Any) -> ViT:
         """From a ``transformers.ViTConfig`` (or its dict); keyword overrides win."""
-        c = hf_config_dict(config)
-        kwargs = {
-            "image_size": c["image_size"],
-            "patch_size": c["patch_size"],
-            "hidden_size": c["hidden_size"],
-            "num_layers": c["num_hidden_layers"],
-            "num_heads": c["num_attention_heads"],
-            "mlp_size": c["intermediate_size"],
-            "hidden_act": c.get("hidden_act", "gelu"),
-            "layer_norm_eps": c.get("layer_norm_eps", 1e-12),
-            "qkv_bias": c.get("qkv_bias", True),
-            "hidden_dropout": c.get("hidden_dropout_prob", 0.0),
-            "attention_dropout": c.get("attention_probs_dropout_prob", 0.0),
-            "num_labels": c["num_labels"],
-        }
+        kwargs = hf_fields(
+            cls,
+            config,
+            required=(
+                "image_size",
+                "patch_size",
+                "hidden_size",
+                "num_layers",
+                "num_heads",
+                "mlp_size",
+                "num_labels",
+            ),
+            optional=(
+                "hidden_act",
+                "layer_norm_eps",
+                "qkv_bias",
+                "hidden_dropout",
+                "attention_dropout",
+            ),
+        )
         kwargs.update(overrides)
         return cls(**kwargs)
 

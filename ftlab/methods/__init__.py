@@ -56,7 +56,8 @@ class Method:
         """The base tree the model sees (without LoRA factors)."""
         return tree.unflatten({**tree.flatten(frozen), **tree.flatten(trainable["params"])})
 
-    def _factors(self, trainable: Mapping) -> dict[str, dict]:
+    def lora_factors(self, trainable: Mapping) -> dict[str, dict]:
+        """``{kernel path: {"a", "b"}}`` for every LoRA target (for merging, export, decoding)."""
         flat = tree.flatten(trainable.get("lora", {}))
         return {p: {"a": flat[f"{p}/a"], "b": flat[f"{p}/b"]} for p in self.lora_targets}
 
@@ -64,7 +65,7 @@ class Method:
         """Base parameters with LoRA folded in: a plain model tree for export and evaluation."""
         flat = tree.flatten(self.base_params(trainable, frozen))
         if self.lora_targets:
-            flat = lora_lib.merge(flat, self._factors(trainable), self.lora.scale)
+            flat = lora_lib.merge(flat, self.lora_factors(trainable), self.lora.scale)
         return tree.unflatten(flat)
 
     # -- running the model ----------------------------------------------------------------
@@ -97,7 +98,7 @@ class Method:
 
         if not self.lora_targets:
             return call()
-        factors = {p.rsplit("/", 1)[0]: f for p, f in self._factors(trainable).items()}
+        factors = {p.rsplit("/", 1)[0]: f for p, f in self.lora_factors(trainable).items()}
         lora_rng = jax.random.fold_in(rng, 1) if (train and rng is not None) else None
         with nn.intercept_methods(lora_lib.interceptor(factors, self.lora, lora_rng)):
             return call()

@@ -53,6 +53,7 @@ from ftlab.models.layers import (  # noqa: F401  (re-exported: other modules imp
     decoder_inputs,
     dense,
     hf_get,
+    kv_cache,
     last_token_index,
     layer_norm,
     num_labels,
@@ -124,6 +125,7 @@ class GPT2Attention(nn.Module):
     layer_idx: int = 0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    decode: bool = False  # keys and values through the ``cache`` collection (``kv_cache``)
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, train: bool = False) -> jax.Array:
@@ -135,11 +137,12 @@ class GPT2Attention(nn.Module):
         k = dense(cfg.n_embd, ("embed", "kv_heads"), name="k_proj", **kw)(x)
         v = dense(cfg.n_embd, ("embed", "kv_heads"), name="v_proj", **kw)(x)
         shape = (b, t, cfg.n_head, cfg.head_dim)
+        k, v = kv_cache(self, k.reshape(shape), v.reshape(shape), self.decode)
         scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
         drop = nn.Dropout(cfg.attn_pdrop, deterministic=not train)
-        out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), bias, scale, drop)
+        out = attention(q.reshape(shape), k, v, bias, scale, drop)
         kw["std"] = std / math.sqrt(2 * cfg.n_layer)
         out = dense(cfg.n_embd, ("heads", "embed"), name="c_proj", **kw)(
             out.reshape(b, t, cfg.n_embd)
@@ -168,12 +171,15 @@ class GPT2Block(nn.Module):
     layer_idx: int = 0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, train: bool = False) -> jax.Array:
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         h = _layer_norm(cfg, dt, pdt, "ln_1")(x)
-        x = x + GPT2Attention(cfg, self.layer_idx, dt, pdt, name="attn")(h, bias, train)
+        x = x + GPT2Attention(cfg, self.layer_idx, dt, pdt, self.decode, name="attn")(
+            h, bias, train
+        )
         h = _layer_norm(cfg, dt, pdt, "ln_2")(x)
         return x + GPT2MLP(cfg, dt, pdt, name="mlp")(h, train)
 
@@ -186,11 +192,13 @@ class GPT2(Decoder):
     ``attention_mask`` (1 = token, 0 = padding) and ``position_ids``. Logits are float32;
     ``dtype`` is the compute dtype, parameters are kept in ``param_dtype``. ``remat``
     recomputes each block in the backward pass (activation memory for compute).
+    ``decode=True`` runs with a key/value cache (``Decoder``); the cache, sized at ``init``,
+    must not exceed ``n_positions``.
     """
 
-    def backbone(self, input_ids, attention_mask, position_ids, train):  # see Decoder
+    def backbone(self, input_ids, position_ids, bias, train, decode):  # see Decoder
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         if t > cfg.n_positions:
             raise ValueError(f"sequence length {t} exceeds n_positions {cfg.n_positions}")
         init = nn.initializers.normal(cfg.initializer_range)
@@ -214,9 +222,8 @@ class GPT2(Decoder):
         )
         x = wte(input_ids) + wpe(position_ids)
         x = nn.Dropout(cfg.embd_pdrop, deterministic=not train)(x)
-        bias = attention_bias(attention_mask, b, t, dt)
         block = nn.remat(GPT2Block, static_argnums=(3,)) if self.remat else GPT2Block
         for i in range(cfg.n_layer):
-            x = block(cfg, i, dt, pdt, name=f"h_{i}")(x, bias, train)
+            x = block(cfg, i, dt, pdt, decode, name=f"h_{i}")(x, bias, train)
         x = _layer_norm(cfg, dt, pdt, "ln_f")(x)
         return x, wte

@@ -6,7 +6,9 @@
 - attention: additive masks (``attention_bias`` causal, ``padding_bias``), the decoders'
   grouped-query ``attention`` and the encoders' ``SelfAttention`` module;
 - decoder inputs and heads (``unpack_inputs``, ``decoder_inputs``, ``last_token_index``,
-  ``classify``, ``decoder_head``).
+  ``classify``, ``decoder_head``);
+- the decoders' key/value cache for autoregressive decoding (``kv_cache``, ``Decoder`` with
+  ``decode=True``; see ``Decoder``).
 
 Functions that create layers (``dense``, ``layer_norm``, ``classify``, ``decoder_head``) are
 called inside a compact ``__call__``: the layers belong to the calling module.
@@ -175,9 +177,10 @@ def attention(
 ) -> jax.Array:
     """Multi-head / grouped-query attention, softmax in float32.
 
-    ``q``: (batch, length, heads, dim); ``k``, ``v``: (batch, length, kv_heads, dim) with
+    ``q``: (batch, length, heads, dim); ``k``, ``v``: (batch, keys, kv_heads, dim) with
     ``heads`` a multiple of ``kv_heads`` (query head ``h`` reads kv head ``h // group``);
-    ``bias``: (batch, 1, length, length). Returns (batch, length, heads, dim).
+    ``bias``: (batch, 1, length, keys). ``keys`` is ``length`` except when decoding with a
+    cache (the cache's length). Returns (batch, length, heads, dim).
     """
     b, t, h, d = q.shape
     kvh = k.shape[2]
@@ -191,6 +194,38 @@ def attention(
         weights = dropout(weights)
     out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
     return out.reshape(b, t, h, d)
+
+
+def kv_cache(
+    module: nn.Module, k: jax.Array, v: jax.Array, decode: bool
+) -> tuple[jax.Array, jax.Array]:
+    """Keys and values to attend to, through ``module``'s ``cache`` collection when ``decode``.
+
+    The usual linen pattern: the first ``decode`` call (``init``, with inputs of the maximum
+    length) creates ``cached_key`` / ``cached_value`` (batch, max_length, kv_heads, dim) and
+    ``cache_index`` (0) and attends over its own inputs; later calls (with ``mutable=["cache"]``)
+    write ``k``, ``v`` at ``cache_index``, advance it by their length and return the whole cache
+    (unfilled slots are masked by the ``Decoder``'s bias). Writing past the end is not checked
+    (``dynamic_update_slice`` clamps); the caller sizes the cache.
+    """
+    if not decode:
+        return k, v
+    initialized = module.has_variable("cache", "cached_key")
+    cached_k = module.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cached_v = module.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    index = module.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialized:
+        return k, v
+    i = index.value
+    start = (0, i, 0, 0)
+    cached_k.value = jax.lax.dynamic_update_slice(
+        cached_k.value, k.astype(cached_k.value.dtype), start
+    )
+    cached_v.value = jax.lax.dynamic_update_slice(
+        cached_v.value, v.astype(cached_v.value.dtype), start
+    )
+    index.value = i + k.shape[1]
+    return cached_k.value, cached_v.value
 
 
 class SelfAttention(nn.Module):
@@ -357,15 +392,33 @@ def decoder_head(
 
 
 class Decoder(nn.Module):
-    """What the decoder families share: fields, input handling and the head.
+    """What the decoder families share: fields, input handling, the decoding cache and the head.
 
-    A subclass defines ``backbone(input_ids, attention_mask, position_ids, train)`` returning
-    the final hidden states and the token ``nn.Embed`` (tied LM heads attend with it);
-    ``__call__`` takes token ids (batch, length) or a batch dict holding ``input_ids`` and
-    optionally ``attention_mask`` (1 = token, 0 = padding) and ``position_ids`` (default
-    ``0..length-1`` per row), and applies ``decoder_head``. Logits are float32; ``dtype`` is
-    the compute dtype, parameters are kept in ``param_dtype``; ``remat`` recomputes each block
-    in the backward pass.
+    A subclass defines ``backbone(input_ids, position_ids, bias, train, decode)`` returning the
+    final hidden states and the token ``nn.Embed`` (tied LM heads attend with it); ``bias`` is
+    the additive attention bias (batch, 1, length, keys) and ``decode`` is passed to each
+    attention layer's ``kv_cache``. ``__call__`` takes token ids (batch, length) or a batch
+    dict holding ``input_ids`` and optionally ``attention_mask`` (1 = token, 0 = padding) and
+    ``position_ids`` (default ``0..length-1`` per row), and applies ``decoder_head``. Logits are
+    float32; ``dtype`` is the compute dtype, parameters are kept in ``param_dtype``; ``remat``
+    recomputes each block in the backward pass.
+
+    Decoding with a key/value cache (``decode=True``), the usual linen pattern:
+
+    - ``model.init(rng, jnp.zeros((batch, max_length), int), decode=True)["cache"]`` (or
+      ``ftlab.eval.generate.init_cache``) creates the ``cache`` collection: per attention layer
+      ``cached_key``, ``cached_value``, ``cache_index``, and here ``cache_index``, ``key_mask``
+      (batch, max_length: which cache slots hold real tokens) and ``positions`` (batch,: real
+      tokens seen per row). All zeros: an empty cache.
+    - ``model.apply({"params": p, "cache": c}, ids, attention_mask=m, decode=True,
+      mutable=["cache"])`` appends a chunk (the prompt, then one token a step) and returns
+      ``(logits, {"cache": c'})``. Queries attend causally to the filled part of the cache
+      whose ``attention_mask`` was 1. Default positions continue each row's count of real
+      tokens (``cumsum(mask) - 1`` over the prompt, as Hugging Face for left padding), so a
+      left-padded row gets the positions it would have unpadded; explicit ``position_ids``
+      win. All rows share one cache index: pad prompts on the left.
+
+    With ``decode=False`` (the default) nothing of this runs.
     """
 
     config: Any
@@ -377,11 +430,37 @@ class Decoder(nn.Module):
     def backbone(
         self,
         input_ids: jax.Array,
-        attention_mask: jax.Array | None,
         position_ids: jax.Array,
+        bias: jax.Array,
         train: bool,
+        decode: bool,
     ) -> tuple[jax.Array, nn.Embed]:
         raise NotImplementedError
+
+    def _decode_bias(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None, position_ids: Any
+    ) -> tuple[jax.Array, jax.Array]:
+        """Positions and the additive bias of a decoding chunk; advances the cache counters."""
+        b, t = input_ids.shape
+        mask = jnp.ones((b, t), bool) if attention_mask is None else _bool(attention_mask)
+        initialized = self.has_variable("cache", "key_mask")
+        key_mask = self.variable("cache", "key_mask", jnp.zeros, (b, t), bool)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        seen = self.variable("cache", "positions", jnp.zeros, (b,), jnp.int32)
+        if position_ids is None:
+            counts = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
+            position_ids = jnp.maximum(seen.value[:, None] + counts, 0)
+        if not initialized:  # the init call: plain causal attention over its inputs
+            return position_ids, attention_bias(attention_mask, b, t, self.dtype)
+        i = index.value
+        keys = jax.lax.dynamic_update_slice(key_mask.value, mask, (0, i))
+        key_mask.value = keys
+        index.value = i + t
+        seen.value = seen.value + mask.sum(axis=1, dtype=jnp.int32)
+        slot = jnp.arange(keys.shape[1])[None, :]
+        causal = slot <= i + jnp.arange(t)[:, None]  # (t, keys)
+        allowed = keys[:, None, None, :] & causal[None, None]
+        return position_ids, _additive(allowed, self.dtype)
 
     @nn.compact
     def __call__(
@@ -391,11 +470,22 @@ class Decoder(nn.Module):
         position_ids: jax.Array | None = None,
         *,
         train: bool = False,
+        decode: bool = False,
     ) -> jax.Array:
+        explicit = position_ids is not None or (
+            isinstance(inputs, Mapping) and inputs.get("position_ids") is not None
+        )
         input_ids, attention_mask, position_ids = decoder_inputs(
             type(self).__name__, self.head, inputs, attention_mask, position_ids
         )
-        x, embed = self.backbone(input_ids, attention_mask, position_ids, train)
+        b, t = input_ids.shape
+        if decode:
+            position_ids, bias = self._decode_bias(
+                input_ids, attention_mask, position_ids if explicit else None
+            )
+        else:
+            bias = attention_bias(attention_mask, b, t, self.dtype)
+        x, embed = self.backbone(input_ids, position_ids, bias, train, decode)
         return decoder_head(
             x,
             self.head,
@@ -407,3 +497,7 @@ class Decoder(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
+
+
+def _bool(mask: jax.Array) -> jax.Array:
+    return jnp.asarray(mask).astype(bool)

@@ -39,9 +39,9 @@ from ftlab.models.layers import (
     Decoder,
     activation,
     attention,
-    attention_bias,
     dense,
     hf_get,
+    kv_cache,
     num_labels,
 )
 
@@ -193,6 +193,7 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    decode: bool = False  # keys (rotated) and values through the ``cache`` collection
 
     @nn.compact
     def __call__(
@@ -211,6 +212,7 @@ class LlamaAttention(nn.Module):
         k = dense(kvh * d, ("embed", "kv_heads"), name="k_proj", **kw)(x).reshape(b, t, kvh, d)
         v = dense(kvh * d, ("embed", "kv_heads"), name="v_proj", **kw)(x).reshape(b, t, kvh, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = kv_cache(self, k, v, self.decode)
         drop = nn.Dropout(cfg.attention_dropout, deterministic=not train)
         out = attention(q, k, v, bias, 1.0 / math.sqrt(d), drop).reshape(b, t, h * d)
         return dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out)
@@ -235,6 +237,7 @@ class LlamaBlock(nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    decode: bool = False
 
     @nn.compact
     def __call__(
@@ -248,7 +251,9 @@ class LlamaBlock(nn.Module):
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         drop = nn.Dropout(cfg.dropout, deterministic=not train)
         h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
-        x = x + drop(LlamaAttention(cfg, dt, pdt, name="self_attn")(h, bias, cos, sin, train))
+        x = x + drop(
+            LlamaAttention(cfg, dt, pdt, self.decode, name="self_attn")(h, bias, cos, sin, train)
+        )
         h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
         return x + drop(LlamaMLP(cfg, dt, pdt, name="mlp")(h))
 
@@ -259,11 +264,12 @@ class Llama(Decoder):
 
     Inputs as ``ftlab.models.gpt2.GPT2``: token ids or a dict with ``input_ids`` and optional
     ``attention_mask`` / ``position_ids`` (default ``0..length-1`` per row, as Hugging Face).
+    ``decode=True`` runs with a key/value cache (``Decoder``): keys are cached after RoPE at
+    their absolute positions.
     """
 
-    def backbone(self, input_ids, attention_mask, position_ids, train):  # see Decoder
+    def backbone(self, input_ids, position_ids, bias, train, decode):  # see Decoder
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-        b, t = input_ids.shape
         angles = jnp.asarray(position_ids, jnp.float32)[..., None] * rope_frequencies(cfg)
         angles = jnp.concatenate([angles, angles], axis=-1)
         cos, sin = jnp.cos(angles), jnp.sin(angles)
@@ -278,9 +284,8 @@ class Llama(Decoder):
             name="embed_tokens",
         )
         x = nn.Dropout(cfg.dropout, deterministic=not train)(embed(input_ids))
-        bias = attention_bias(attention_mask, b, t, dt)
         block = nn.remat(LlamaBlock, static_argnums=(5,)) if self.remat else LlamaBlock
         for i in range(cfg.num_hidden_layers):
-            x = block(cfg, dt, pdt, name=f"layers_{i}")(x, bias, cos, sin, train)
+            x = block(cfg, dt, pdt, decode, name=f"layers_{i}")(x, bias, cos, sin, train)
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="norm")(x)
         return x, embed

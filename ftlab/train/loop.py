@@ -80,11 +80,8 @@ def init_variables(cfg: mc.ConfigDict, model, sample: np.ndarray) -> tuple[dict,
     saved_state = Path(cfg.init.checkpoint).parent / "model_state"
     if model_state and saved_state.exists():
         flat_state = tree.flatten(model_state)  # "<collection>/<param path>"
-        kept = {
-            p
-            for p in flat_state
-            if p.split("/", 1)[1].rsplit("/", 1)[0] in {f.rsplit("/", 1)[0] for f in fresh}
-        }
+        fresh_modules = {f.rsplit("/", 1)[0] for f in fresh}  # a new head keeps fresh stats too
+        kept = {p for p in flat_state if p.split("/", 1)[1].rsplit("/", 1)[0] in fresh_modules}
         saved = checkpoint.load_pytree(saved_state)
         model_state = tree.unflatten(_overlay(flat_state, saved, kept, cfg))
     log.info(

@@ -15,8 +15,8 @@ from ftlab.config import ConfigError
 METHODS = ("full", "frozen", "partial", "bitfit", "lora")
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 SCHEDULES = ("constant", "cosine", "linear")
-LOSSES = ("cross_entropy", "mse")
-MODELS = ("cnn", "mlp", "resnet")
+LOSSES = ("cross_entropy", "mse", "causal_lm")
+MODELS = ("cnn", "mlp", "resnet", "hf")
 SOURCES = ("sklearn", "npz")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -40,6 +40,25 @@ def base_config() -> mc.ConfigDict:
         0.0  # >0: multiply inputs by this (digits: 1/16); else standardise on train stats
     )
     c.data.split_seed = 0
+    c.data.last_batch = "drop"  # the epoch's last partial batch: drop | pad (weight 0) | wrap
+    c.data.prefetch = 2  # host batches prepared ahead by background threads (0: none)
+    # text: a tokenizer directory (or hub id, online only); "" = model.pretrained's
+    c.data.tokenizer = ""
+    c.data.max_length = 128  # tokens per example (instruction cutoff, LM block size)
+    c.data.template = ""  # instructions: alpaca | alpaca_legacy | chat | a JSON template file
+    c.data.pack = False  # language modelling: concatenate examples and cut fixed blocks
+    c.data.train_on_inputs = False  # instructions: also train on the prompt tokens
+    c.data.augment = mc.ConfigDict()  # training batches only; deterministic in (seed, step)
+    c.data.augment.crop_padding = 0
+    c.data.augment.flip = False
+    c.data.augment.rotate_degrees = 0.0
+    c.data.augment.brightness = 0.0
+    c.data.augment.contrast = 0.0
+    c.data.augment.mixup_alpha = 0.0
+    c.data.augment.synonym_prob = 0.0
+    c.data.augment.swap_prob = 0.0
+    c.data.augment.deletion_prob = 0.0
+    c.data.augment.synonyms = ""  # JSON file {word: [synonyms]}
 
     c.model = mc.ConfigDict()
     c.model.name = "cnn"
@@ -47,6 +66,12 @@ def base_config() -> mc.ConfigDict:
     c.model.hidden = (64,)
     c.model.depths = (1, 1)  # resnet: blocks per stage (stage widths are model.features)
     c.model.dropout = 0.0
+    # name "hf": a Hugging Face family (gpt2, llama, bert, vit, resnet) from a local directory
+    # or hub id (online only) in `pretrained`, with `hf_config` fields laid over its config.json;
+    # without `pretrained`, `hf_config` (model_type included) describes a fresh model.
+    c.model.pretrained = ""
+    c.model.hf_config = mc.ConfigDict()
+    c.model.remat = False  # recompute each block in the backward pass (less activation memory)
 
     c.init = mc.ConfigDict()
     c.init.checkpoint = ""  # parameters saved by a run (its workdir/params), or "stage:NAME"
@@ -89,6 +114,14 @@ def base_config() -> mc.ConfigDict:
     c.train.log_every = 10
     c.train.eval_every = 50
     c.train.eval_batch_size = 256
+
+    c.eval = mc.ConfigDict()  # causal LMs: decode test prompts and score BLEU / ROUGE
+    c.eval.generate_examples = 0  # distinct test prompts decoded at the end (0: none)
+    c.eval.max_new_tokens = 64
+    c.eval.num_beams = 1
+    c.eval.length_penalty = 1.0
+    c.eval.no_repeat_ngram_size = 0
+    c.eval.batch_size = 16
 
     c.early_stopping = mc.ConfigDict()
     c.early_stopping.metric = "val/loss"
@@ -144,6 +177,7 @@ def validate(cfg: mc.ConfigDict) -> None:
         ("train.loss", LOSSES),
         ("train.compute_dtype", DTYPES),
         ("early_stopping.mode", ("min", "max")),
+        ("data.last_batch", ("drop", "pad", "wrap")),
     ]:
         _one_of(cfg, key, allowed)
     _check(cfg.optim.lr > 0, "optim.lr", f"learning rate must be > 0, got {cfg.optim.lr}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from typing import Any
 
 import ml_collections as mc
 import numpy as np
@@ -20,14 +21,53 @@ from ftlab.data.sources import RawData, from_npz, from_sklearn
 
 @dataclasses.dataclass
 class Split:
-    inputs: np.ndarray
+    """One split's examples as arrays with a common first dimension.
+
+    ``inputs`` is an array (images, feature vectors, token ids) or a dict of arrays (BERT's
+    ``input_ids`` + ``attention_mask``); ``weights`` optionally weights each example in the
+    loss (class weights, a language-modelling example's target-token count); ``text`` keeps
+    raw columns that evaluation by generation needs (``prompt``, ``response``).
+    """
+
+    inputs: Any
     labels: np.ndarray
+    weights: np.ndarray | None = None
+    text: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, index: np.ndarray) -> Split:
-        return Split(self.inputs[index], self.labels[index])
+        inputs = (
+            {k: v[index] for k, v in self.inputs.items()}
+            if isinstance(self.inputs, dict)
+            else self.inputs[index]
+        )
+        return Split(
+            inputs,
+            self.labels[index],
+            None if self.weights is None else self.weights[index],
+            {k: v[index] for k, v in self.text.items()},
+        )
+
+    def arrays(self, with_text: bool = False) -> dict[str, np.ndarray]:
+        """Flat ``{name: per-example array}`` for batching (``inputs/input_ids`` for a dict);
+        ``with_text`` adds the raw columns (``text/text``) that text augmentation rewrites."""
+        out = (
+            {f"inputs/{k}": v for k, v in self.inputs.items()}
+            if isinstance(self.inputs, dict)
+            else {"inputs": self.inputs}
+        )
+        out["labels"] = self.labels
+        if self.weights is not None:
+            out["weights"] = self.weights
+        if with_text:
+            out.update({f"text/{k}": v for k, v in self.text.items()})
+        return out
+
+    def sample_inputs(self) -> Any:
+        """The first example's inputs with a batch dimension (to initialise a model)."""
+        return self.take(np.arange(1)).inputs
 
 
 @dataclasses.dataclass

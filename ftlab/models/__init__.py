@@ -8,8 +8,14 @@ import ml_collections as mc
 from ftlab.models.cnn import MLP, SmallCNN
 
 
-def build_model(cfg: mc.ConfigDict, num_outputs: int, dtype: jnp.dtype):
+def build_model(
+    cfg: mc.ConfigDict, num_outputs: int, dtype: jnp.dtype, task: str = "classification"
+):
     """The module named by ``cfg.name``, computing in ``dtype`` (parameters stay float32)."""
+    if cfg.name == "hf":  # GPT-2, LLaMA, BERT, ViT, ResNet as Hugging Face configures them
+        from ftlab.models.hf_models import build_hf_model
+
+        return build_hf_model(cfg, task, num_outputs, dtype)
     if cfg.name == "cnn":
         return SmallCNN(
             num_outputs,

@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 
 from ftlab import checkpoint, tree
 from ftlab.config import ConfigError, to_dict
-from ftlab.data import Dataset, Split, load_dataset
-from ftlab.data.batches import eval_batches, steps_per_epoch, train_batch
+from ftlab.data import Dataset, Split, load_dataset, pipeline
+from ftlab.data import augment
+from ftlab.data.batches import eval_batches, nest
 from ftlab.eval import metrics as metrics_lib
-from ftlab.eval import plots
+from ftlab.eval import plots, text_metrics
 from ftlab.methods import Method, build_method
 from ftlab.methods.select import by_regexes
 from ftlab.models import build_model
@@ -69,7 +70,15 @@ def init_variables(cfg: mc.ConfigDict, model, sample: np.ndarray) -> tuple[dict,
     (``model_state``) come along when the model has such collections.
     """
     # unbox: models annotate weights with logical axis names (for sharding); steps use plain arrays
-    variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(cfg.seed), sample))
+    if cfg.model.pretrained:  # a Hugging Face checkpoint; a new head keeps its fresh init
+        from ftlab.models.hf_models import load_hf_variables
+
+        variables, notes = load_hf_variables(cfg.model, model, sample, jax.random.key(cfg.seed))
+        variables = jax.tree.map(jnp.asarray, variables)
+        for note in notes:
+            log.info("%s: %s", cfg.model.pretrained, note)
+    else:
+        variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(cfg.seed), sample))
     params = variables.pop("params")
     model_state = dict(variables)
     if not cfg.init.checkpoint:
@@ -114,15 +123,21 @@ def _overlay(flat: dict, saved, keep_fresh: set[str], cfg: mc.ConfigDict) -> dic
 
 
 def evaluate(eval_step, state: TrainState, split: Split, data: Dataset, batch_size: int) -> dict:
-    """Loss and task metrics over the whole split."""
-    outputs, loss = [], []
+    """Loss and task metrics over the whole split (the loss weighted as in training)."""
+    outputs, loss, weights = [], [], []
     for batch in eval_batches(split, batch_size):
         out = jax.device_get(eval_step(state, batch))
         keep = batch["weights"] > 0
-        outputs.append(out["outputs"][keep])
+        if "outputs" in out:
+            outputs.append(out["outputs"][keep])
         loss.append(out["loss"][keep])
-    outputs, loss = np.concatenate(outputs), np.concatenate(loss)
-    result = {"loss": float(loss.mean())}
+        weights.append(batch["weights"][keep])
+    loss, weights = np.concatenate(loss), np.concatenate(weights)
+    result = {"loss": float(np.sum(loss * weights) / np.sum(weights))}
+    if data.task == "causal_lm":  # per-example mean token losses, weighted by token counts
+        result["perplexity"] = text_metrics.perplexity(loss, weights)
+        return result
+    outputs = np.concatenate(outputs)
     if data.task == "classification":
         result.update(
             metrics_lib.classification_metrics(split.labels, outputs.argmax(-1), data.num_outputs)
@@ -218,6 +233,32 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _train_batches(
+    cfg: mc.ConfigDict, data: Dataset, step: int, meta: dict
+) -> pipeline.DataIterator:
+    """This host's training batches from ``step`` on; a checkpoint's saved position is checked
+    against the data and batch size (the order is a pure function of the seed and step)."""
+    kw = {
+        "global_batch_size": cfg.train.batch_size,
+        "seed": cfg.seed,
+        "last_batch": cfg.data.last_batch,
+        "shuffle": cfg.data.shuffle,
+        "prefetch": cfg.data.prefetch,
+    }
+    arrays = data.train.arrays(with_text=augment.text_options(cfg.data).active)
+    batches = (
+        pipeline.DataIterator.from_state(arrays, meta["data"], **kw)
+        if "data" in meta
+        else pipeline.DataIterator(arrays, start_step=step, **kw)
+    )
+    if batches.step != step:
+        batches.close()
+        raise ConfigError(
+            f"the checkpoint at step {step} saved the data position of step {batches.step}"
+        )
+    return batches
+
+
 def prepare(cfg: mc.ConfigDict) -> tuple[Dataset, nn.Module, Method]:
     """Validate the config and resolve data, model and method without compiling anything.
 
@@ -227,18 +268,22 @@ def prepare(cfg: mc.ConfigDict) -> tuple[Dataset, nn.Module, Method]:
     """
     validate(cfg)
     data = load_dataset(cfg.data)
-    steps_per_epoch(len(data.train), cfg.train.batch_size)
+    pipeline.steps_per_epoch(len(data.train), cfg.train.batch_size, cfg.data.last_batch)
     task_metrics = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
     if data.task == "regression":
         task_metrics = ("mse", "mae")
+    if data.task == "causal_lm":
+        task_metrics = ("perplexity",)
     computed = [f"val/{name}" for name in ("loss", *task_metrics)]
     if cfg.early_stopping.metric not in computed:
         raise ConfigError(
             f"config.early_stopping.metric: {cfg.early_stopping.metric!r} is not computed for "
             f"{data.task}; choose one of {', '.join(computed)}"
         )
-    model = build_model(cfg.model, data.num_outputs, compute_dtype(cfg.train.compute_dtype))
-    shapes = jax.eval_shape(model.init, jax.random.key(cfg.seed), data.train.inputs[:1])
+    model = build_model(
+        cfg.model, data.num_outputs, compute_dtype(cfg.train.compute_dtype), data.task
+    )
+    shapes = jax.eval_shape(model.init, jax.random.key(cfg.seed), data.train.sample_inputs())
     return data, model, build_method(cfg.method, nn.meta.unbox(shapes["params"]))
 
 
@@ -255,9 +300,9 @@ def train(
     data, model, method = prepare(cfg)
     for line in data.report().splitlines():
         log.info("data %s", line)
-    per_epoch = steps_per_epoch(len(data.train), cfg.train.batch_size)
+    per_epoch = pipeline.steps_per_epoch(len(data.train), cfg.train.batch_size, cfg.data.last_batch)
     total_steps = cfg.train.num_steps or cfg.train.num_epochs * per_epoch
-    sample = data.train.inputs[:1]
+    sample = data.train.sample_inputs()
     params, model_state = init_variables(cfg, model, sample)
     tx, lr_schedule = optim.optimizer(cfg.optim, total_steps)
 
@@ -292,6 +337,7 @@ def train(
         state, meta = ckpts.restore(state)
         log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
     stopper = _EarlyStopping(es_cfg, meta)
+    batches = _train_batches(cfg, data, int(state.step), meta)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
 
     step = int(state.step)
@@ -339,11 +385,12 @@ def train(
         flush()  # never checkpoint a state that came from a non-finite step
         if force and step in ckpts.all_steps():
             return
-        ckpts.save(step, state, {**stopper.meta(), "step": step}, force=force)
+        meta = {**stopper.meta(), "step": step, "data": batches.state()}
+        ckpts.save(step, state, meta, force=force)
 
-    with _Interrupt() as interrupt:
+    with _Interrupt() as interrupt, batches:
         while step < total_steps and not stopper.stopped:
-            batch = train_batch(data.train, step, cfg.train.batch_size, cfg.seed, cfg.data.shuffle)
+            batch = augment.augment_train_batch(cfg.data, data, nest(next(batches)), step, cfg.seed)
             state, step_metrics = train_step(state, batch)
             step += 1
             window_steps += 1

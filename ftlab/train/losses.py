@@ -18,7 +18,10 @@ LossFn = Callable[[jax.Array, dict], tuple[jax.Array, jax.Array]]
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Per-example softmax cross-entropy with (optional) label smoothing."""
     logits = logits.astype(jnp.float32)
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    if labels.ndim == logits.ndim:  # soft labels (mixup): already a distribution per example
+        targets = labels.astype(jnp.float32)
+    else:
+        targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(logits, targets)
@@ -33,6 +36,22 @@ def masked_lm_loss(
     return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def causal_lm_loss(
+    logits: jax.Array, batch: dict, label_smoothing: float = 0.0
+) -> jax.Array:
+    """Per-example mean next-token cross-entropy over the trained positions.
+
+    ``batch["labels"]`` holds the target of each position (the next token, already shifted),
+    or a negative value (``IGNORE_INDEX``) where nothing is trained: prompt, padding. Batches
+    weight each example by its target-token count (``weights``), so the batch loss is the mean
+    over tokens, as Hugging Face's Trainer computes it.
+    """
+    labels = batch["labels"]
+    mask = (labels >= 0).astype(jnp.float32)
+    per_token = cross_entropy(logits, jnp.maximum(labels, 0), label_smoothing)
+    return jnp.sum(per_token * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
+
+
 def squared_error(outputs: jax.Array, targets: jax.Array) -> jax.Array:
     """Per-example squared error, summed over output dimensions."""
     outputs = outputs.astype(jnp.float32).reshape(outputs.shape[0], -1)
@@ -45,6 +64,8 @@ def per_example_loss(
     """The configured loss as ``(outputs, batch) -> per-example losses``."""
     if name == "cross_entropy":
         return lambda logits, batch: cross_entropy(logits, batch["labels"], label_smoothing)
+    if name == "causal_lm":
+        return lambda logits, batch: causal_lm_loss(logits, batch, label_smoothing)
     if name == "mse":
         return lambda outputs, batch: squared_error(outputs, batch["labels"])
     raise ValueError(f"unknown loss {name!r}")

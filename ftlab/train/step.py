@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import optax
 
 from ftlab.methods import Method
-from ftlab.train.losses import weighted_mean
 from ftlab.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -30,9 +29,14 @@ def make_train_step(
     accum_steps: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer update; with ``accum_steps > 1`` the batch is split into micro-batches
-    whose gradients are averaged (same update as the full batch, less activation memory)."""
+    whose gradients are summed (same update as the full batch, less activation memory).
 
-    def loss_fn(trainable, frozen, model_state, batch: Batch, rng: jax.Array):
+    The loss is the ``weights``-weighted mean over the whole batch (weights: 0 for padding
+    rows, token counts for language modelling, class weights), so each micro-batch adds its
+    weighted sum divided by the full batch's total weight.
+    """
+
+    def loss_fn(trainable, frozen, model_state, batch: Batch, rng: jax.Array, total: jax.Array):
         outputs, model_state = method.apply(
             model,
             trainable,
@@ -43,17 +47,22 @@ def make_train_step(
             model_state=model_state,
             update_state=True,
         )
-        loss = weighted_mean(per_example_loss(outputs, batch), batch.get("weights"))
-        return loss, model_state
+        values = per_example_loss(outputs, batch)
+        weights = batch.get("weights")
+        weights = jnp.ones_like(values) if weights is None else weights
+        return jnp.sum(values * weights) / total, model_state
 
     # w.r.t. the trainable subtree only; updated batch statistics ride along as aux
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng = state.step_rng()
+        weights = batch.get("weights")
+        size = jax.tree.leaves(batch["labels"])[0].shape[0]
+        total = jnp.float32(size) if weights is None else jnp.maximum(jnp.sum(weights), 1.0)
         if accum_steps == 1:
             (loss, model_state), grads = grad_fn(
-                state.trainable, state.frozen, state.model_state, batch, rng
+                state.trainable, state.frozen, state.model_state, batch, rng, total
             )
         else:
             micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
@@ -62,7 +71,12 @@ def make_train_step(
                 loss_sum, grad_sum, model_state = carry
                 i, mb = inputs
                 (loss, model_state), grads = grad_fn(
-                    state.trainable, state.frozen, model_state, mb, jax.random.fold_in(rng, i)
+                    state.trainable,
+                    state.frozen,
+                    model_state,
+                    mb,
+                    jax.random.fold_in(rng, i),
+                    total,
                 )
                 return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads), model_state), None
 
@@ -74,7 +88,6 @@ def make_train_step(
             (loss, grads, model_state), _ = jax.lax.scan(
                 accumulate, zeros, (jnp.arange(accum_steps), micro)
             )
-            loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {

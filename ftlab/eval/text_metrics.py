@@ -1,0 +1,62 @@
+"""Generation metrics: corpus BLEU (sacrebleu) and ROUGE (Google's rouge-score), perplexity.
+
+BLEU is sacrebleu's corpus BLEU with its default 13a tokenisation, so numbers are comparable
+with published ones computed the same way (the E2E challenge's own script differs slightly).
+Several references per hypothesis are allowed (E2E has many per meaning representation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _references(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]):
+    if len(hypotheses) != len(references):
+        raise ValueError(
+            f"{len(hypotheses)} hypotheses but {len(references)} reference entries: one entry "
+            "(a string or a list of strings) per hypothesis"
+        )
+    if not hypotheses:
+        raise ValueError("no hypotheses to score")
+    return [[r] if isinstance(r, str) else list(r) for r in references]
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
+    """Corpus BLEU (0-100) of ``hypotheses`` against one or more references each."""
+    import sacrebleu
+
+    refs = _references(hypotheses, references)
+    width = max(len(r) for r in refs)
+    # sacrebleu wants reference streams: stream k holds every hypothesis's k-th reference
+    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(width)]
+    return float(sacrebleu.corpus_bleu(list(hypotheses), streams).score)
+
+
+def rouge(
+    hypotheses: Sequence[str],
+    references: Sequence[str | Sequence[str]],
+    kinds: Sequence[str] = ("rouge1", "rouge2", "rougeL"),
+) -> dict[str, float]:
+    """Mean ROUGE F-measure (0-100) per kind; with several references, the best one counts."""
+    from rouge_score import rouge_scorer
+
+    refs = _references(hypotheses, references)
+    scorer = rouge_scorer.RougeScorer(list(kinds), use_stemmer=True)
+    totals = {k: 0.0 for k in kinds}
+    for hyp, rs in zip(hypotheses, refs):
+        for k in kinds:
+            totals[k] += max(scorer.score(r, hyp)[k].fmeasure for r in rs)
+    return {k: 100.0 * v / len(refs) for k, v in totals.items()}
+
+
+def perplexity(token_losses: np.ndarray, token_counts: np.ndarray) -> float:
+    """exp of the token-weighted mean cross-entropy (nats) over examples."""
+    counts = np.asarray(token_counts, np.float64)
+    total = float(counts.sum())
+    if total <= 0:
+        raise ValueError("perplexity over zero tokens")
+    mean = float(np.sum(np.asarray(token_losses, np.float64) * counts) / total)
+    return math.exp(mean)

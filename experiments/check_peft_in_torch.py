@@ -65,7 +65,7 @@ def export(workdir: pathlib.Path) -> None:
     from ftlab.methods import build_method
     from ftlab.models.hf_export import export_hf
     from ftlab.models.hf_import import load_pretrained
-    from ftlab.models.peft_adapters import export_method_adapter
+    from ftlab.methods.peft import export_method_adapter
     from ftlab.schema import base_config
 
     workdir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ OPTIMIZERS = ("adamw", "sgd", "adafactor")
 SCHEDULES = ("constant", "cosine", "linear")
 LOSSES = ("cross_entropy", "mse", "causal_lm")
 MODELS = ("cnn", "mlp", "resnet", "hf")
-SOURCES = ("sklearn", "npz")
+SOURCES = ("sklearn", "npz", "hf", "tfds", "arrays")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -27,9 +27,21 @@ def base_config() -> mc.ConfigDict:
     c.seed = 0
 
     c.data = mc.ConfigDict()
-    c.data.source = "sklearn"  # sklearn (bundled sets) | npz (local arrays: inputs, labels)
-    c.data.name = "digits"  # sklearn set: digits, breast_cancer, wine, iris, diabetes
-    c.data.path = ""  # npz file for source=npz
+    # sklearn (bundled sets) | npz (local arrays: inputs, labels) | hf (Hugging Face datasets:
+    # local files, a saved dataset, or a hub name when online) | tfds (prepared, data_dir)
+    c.data.source = "sklearn"
+    c.data.name = (
+        "digits"  # sklearn set (digits, breast_cancer, wine, iris, diabetes), hub/tfds name
+    )
+    c.data.path = ""  # npz file; hf: a csv/json(l)/parquet file, an imagefolder or saved dataset
+    c.data.format = ""  # hf: csv | json | parquet | imagefolder | disk ("" = from the path)
+    c.data.files = ""  # hf: files per split, "train=a.csv,test=b.csv"
+    c.data.subset = ""  # hf: the dataset's configuration (glue: sst2)
+    c.data.data_dir = ""  # tfds: where the prepared dataset lives
+    c.data.cache_dir = ""
+    c.data.columns = ""  # canonical=source column: "text=sentence,label=sentiment" (or a dict)
+    c.data.splits = ""  # train/val/test = source split names: "val=validation"
+    c.data.task = "auto"  # classification | regression | causal_lm | auto (from the columns)
     c.data.classes = ()  # keep only these labels, remapped to 0..k-1 in this order
     c.data.val_fraction = 0.15
     c.data.test_fraction = 0.15
@@ -48,6 +60,24 @@ def base_config() -> mc.ConfigDict:
     c.data.template = ""  # instructions: alpaca | alpaca_legacy | chat | a JSON template file
     c.data.pack = False  # language modelling: concatenate examples and cut fixed blocks
     c.data.train_on_inputs = False  # instructions: also train on the prompt tokens
+    c.data.clean = mc.ConfigDict()  # each step logged with its counts
+    c.data.clean.malformed = True  # reject undecodable images, wrong types, empty text
+    c.data.clean.missing = "drop"  # drop | mean | median | most_frequent | "" (keep)
+    c.data.clean.duplicates = True  # exact duplicate rows within a split
+    c.data.clean.leakage = "remove"  # train rows also in val/test: remove | error | ""
+    c.data.clean.outliers = ""  # zscore | iqr (numeric features, train statistics)
+    c.data.clean.outlier_threshold = 0.0  # 0: 3 (z-score) or 1.5 (IQR)
+    c.data.clean.normalise = ""  # standardise | minmax | image (replaces data.scale)
+    c.data.clean.image_mean = ()
+    c.data.clean.image_std = ()
+    c.data.clean.image_size = ()  # (height, width) to resize images to
+    c.data.clean.label_map = ""  # "neg=0,pos=1": labels outside it are an error
+    c.data.clean.rejects_file = "rejects.jsonl"  # in the workdir
+    c.data.balance = mc.ConfigDict()  # training split only
+    c.data.balance.method = ""  # oversample | undersample | smote
+    c.data.balance.ratio = 1.0  # each class >= ratio x the largest (over) / <= smallest / ratio
+    c.data.balance.k_neighbors = 5  # smote
+    c.data.balance.class_weights = False  # weight the loss by 'balanced' class weights
     c.data.augment = mc.ConfigDict()  # training batches only; deterministic in (seed, step)
     c.data.augment.crop_padding = 0
     c.data.augment.flip = False
@@ -178,6 +208,12 @@ def validate(cfg: mc.ConfigDict) -> None:
         ("train.compute_dtype", DTYPES),
         ("early_stopping.mode", ("min", "max")),
         ("data.last_batch", ("drop", "pad", "wrap")),
+        ("data.task", ("auto", "classification", "regression", "causal_lm")),
+        ("data.clean.missing", ("", "drop", "mean", "median", "most_frequent")),
+        ("data.clean.leakage", ("", "remove", "error")),
+        ("data.clean.outliers", ("", "zscore", "iqr")),
+        ("data.clean.normalise", ("", "standardise", "minmax", "image")),
+        ("data.balance.method", ("", "oversample", "undersample", "smote")),
     ]:
         _one_of(cfg, key, allowed)
     _check(cfg.optim.lr > 0, "optim.lr", f"learning rate must be > 0, got {cfg.optim.lr}")
@@ -233,6 +269,21 @@ def validate(cfg: mc.ConfigDict) -> None:
     )
     if cfg.data.source == "npz":
         _check(bool(cfg.data.path), "data.path", "source 'npz' needs data.path")
+    if cfg.data.source == "hf":
+        _check(
+            bool(cfg.data.path or cfg.data.files or cfg.data.name),
+            "data.path",
+            "source 'hf' needs data.path (a local file or directory), data.files or data.name",
+        )
+    if cfg.data.source == "tfds":
+        _check(bool(cfg.data.name), "data.name", "source 'tfds' needs the dataset's name")
+    _check(
+        0 < cfg.data.balance.ratio <= 1,
+        "data.balance.ratio",
+        f"must be in (0, 1], got {cfg.data.balance.ratio}",
+    )
+    _check(cfg.data.max_length > 1, "data.max_length", "must be > 1")
+    _check(cfg.data.prefetch >= 0, "data.prefetch", "must be >= 0")
     lora = cfg.method.lora
     if cfg.method.name == "lora":
         _check(lora.rank > 0, "method.lora.rank", f"must be > 0, got {lora.rank}")

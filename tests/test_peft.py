@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 from ftlab import tree
 from ftlab.methods import build_method
 from ftlab.models.hf_import import load_pretrained
-from ftlab.models.peft_adapters import (
+from ftlab.methods.peft import (
     PEFT_PREFIX,
     PeftAdapterError,
     export_method_adapter,

@@ -165,6 +165,10 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(tmp_path):
             "data.test_fraction": 0.1,
             "data.shuffle": False,
             "data.stratify": False,
+            # cleaning would drop the NaN rows; the trainer's guard must hold without it
+            "data.clean.malformed": False,
+            "data.clean.missing": "",
+            "data.clean.duplicates": False,
             "model.name": "mlp",
             "train.num_steps": 30,
             "train.log_every": 1,

@@ -13,10 +13,6 @@ from typing import Any
 
 import ml_collections as mc
 import numpy as np
-from sklearn.model_selection import train_test_split
-
-from ftlab.config import ConfigError
-from ftlab.data.sources import RawData, from_npz, from_sklearn
 
 
 @dataclasses.dataclass
@@ -82,6 +78,8 @@ class Dataset:
     # metrics are reported in the original units: y = label * target_std + target_mean.
     target_mean: np.ndarray | None = None
     target_std: np.ndarray | None = None
+    tokenizer: Any = None  # text data: the tokenizer that made the token ids
+    clean_log: dict = dataclasses.field(default_factory=dict)  # counts per cleaning step
 
     def original_units(self, values: np.ndarray) -> np.ndarray:
         if self.target_mean is None:
@@ -103,84 +101,8 @@ class Dataset:
         return "\n".join(lines)
 
 
-def _keep_classes(raw: RawData, classes: tuple[int, ...]) -> RawData:
-    present = set(np.unique(raw.labels).tolist())
-    unknown = [c for c in classes if c not in present]
-    if unknown:
-        raise ConfigError(f"config.data.classes: labels {unknown} do not occur in the data")
-    keep = np.isin(raw.labels, classes)
-    remap = {c: i for i, c in enumerate(classes)}
-    labels = np.array([remap[c] for c in raw.labels[keep].tolist()], np.int32)
-    return RawData(raw.inputs[keep], labels, raw.task, [raw.class_names[c] for c in classes])
+def load_dataset(cfg: mc.ConfigDict, **kwargs: Any) -> Dataset:
+    """The splits ``config.data`` describes (see ``ftlab.data.loading``)."""
+    from ftlab.data.loading import load_dataset as load
 
-
-def _few_per_class(split: Split, n: int, num_classes: int, seed: int) -> Split:
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for c in range(num_classes):
-        idx = np.flatnonzero(split.labels == c)
-        if len(idx) < n:
-            raise ConfigError(
-                f"config.data.train_per_class: {n} asked for, class {c} has {len(idx)} training examples"
-            )
-        chosen.append(rng.permutation(idx)[:n])
-    return split.take(np.sort(np.concatenate(chosen)))
-
-
-def load_dataset(cfg: mc.ConfigDict) -> Dataset:
-    raw = from_sklearn(cfg.name) if cfg.source == "sklearn" else from_npz(cfg.path)
-    classification = raw.task == "classification"
-    if cfg.classes:
-        if not classification:
-            raise ConfigError("config.data.classes: only classification data has classes")
-        raw = _keep_classes(raw, tuple(cfg.classes))
-    index = np.arange(len(raw.labels))
-    stratify = raw.labels if (classification and cfg.stratify) else None
-    try:
-        rest, test = (
-            train_test_split(
-                index,
-                test_size=cfg.test_fraction,
-                random_state=cfg.split_seed,
-                stratify=stratify,
-            )
-            if cfg.test_fraction > 0
-            else (index, index[:0])
-        )
-        val_size = cfg.val_fraction / (1.0 - cfg.test_fraction)
-        train, val = train_test_split(
-            rest,
-            test_size=val_size,
-            random_state=cfg.split_seed,
-            stratify=None if stratify is None else raw.labels[rest],
-        )
-    except ValueError as e:
-        raise ConfigError(f"config.data: cannot split {len(index)} examples: {e}") from None
-    full = Split(raw.inputs, raw.labels)
-    splits = {
-        "train": full.take(np.sort(train)),
-        "val": full.take(np.sort(val)),
-        "test": full.take(np.sort(test)),
-    }
-    num_outputs = len(raw.class_names) if classification else raw.labels.shape[-1]
-    if cfg.train_per_class > 0:
-        if not classification:
-            raise ConfigError("config.data.train_per_class: only for classification data")
-        splits["train"] = _few_per_class(
-            splits["train"], cfg.train_per_class, num_outputs, cfg.split_seed
-        )
-    if cfg.scale > 0:
-        for s in splits.values():
-            s.inputs = s.inputs * np.float32(cfg.scale)
-    else:  # standardise every feature with the training split's statistics
-        mean = splits["train"].inputs.mean(axis=0)
-        std = splits["train"].inputs.std(axis=0) + 1e-6
-        for s in splits.values():
-            s.inputs = ((s.inputs - mean) / std).astype(np.float32)
-    data = Dataset(**splits, task=raw.task, num_outputs=num_outputs, class_names=raw.class_names)
-    if not classification:
-        data.target_mean = splits["train"].labels.mean(axis=0)
-        data.target_std = splits["train"].labels.std(axis=0) + 1e-6
-        for s in splits.values():
-            s.labels = ((s.labels - data.target_mean) / data.target_std).astype(np.float32)
-    return data
+    return load(cfg, **kwargs)

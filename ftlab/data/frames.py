@@ -3,7 +3,8 @@
 Every source ends as pandas frames whose columns carry canonical names, so the later steps
 know which column holds the inputs without being told again:
 
-- ``text``, ``prompt``, ``response``: strings;
+- ``text``, ``prompt``, ``response``: strings; ``context``: an instruction's optional input
+  (Alpaca's ``input``, may be empty);
 - ``image``: one array (H, W) or (H, W, C) per row;
 - ``features``: one numeric vector per row, or tabular data as scalar columns named
   ``features.<source name>`` (so cleaning can impute and clip each of them);
@@ -24,9 +25,9 @@ import pandas as pd
 
 from ftlab.config import ConfigError
 
-CANONICAL = ("text", "label", "image", "prompt", "response", "group", "features")
+CANONICAL = ("text", "label", "image", "prompt", "context", "response", "group", "features")
 TEXT_COLUMNS = ("text", "prompt", "response")
-INPUT_COLUMNS = ("text", "image", "prompt", "response", "features")
+INPUT_COLUMNS = ("text", "image", "prompt", "context", "response", "features")
 FEATURE_PREFIX = "features."
 
 

@@ -16,6 +16,9 @@ Parameter paths (post-LN layers, one ``layer_<i>`` per encoder layer so method r
     pooler/{kernel (embed, pooler), bias (pooler,)}      (when ``add_pooler``)
     classifier/{kernel (pooler, classes), bias (classes,)} (when ``num_labels > 0``)
 
+With ``scan_layers=True`` the layers are one ``nn.scan`` module ``layer`` whose leaves lead with a
+``layers`` axis (``ftlab.models.layers.stack_layers`` / ``unstack_layers`` convert).
+
 Logical axis names: ``vocab``, ``position``, ``token_type``, ``embed``, ``heads`` (the fused
 heads x head_dim projection axis: sharding it over a mesh axis that divides the number of heads
 shards whole heads), ``mlp``, ``pooler``, ``classes``. ``model.init`` returns these boxed
@@ -43,6 +46,7 @@ from ftlab.models.layers import (  # noqa: F401  (re-exported: imported from her
     hf_config_dict,
     hf_fields,
     layer_norm,
+    layer_stack,
     padding_bias,
 )
 
@@ -124,6 +128,8 @@ class Bert(nn.Module):
     add_pooler: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = False  # recompute each layer's activations in the backward pass
+    scan_layers: bool = False  # one nn.scan over the layers (parameters under ``layer``)
 
     @classmethod
     def from_hf_config(cls, config: Any, **overrides: Any) -> Bert:
@@ -195,18 +201,28 @@ class Bert(nn.Module):
         )
         x = emb(input_ids, token_type_ids, train=train)
         bias = None if attention_mask is None else padding_bias(attention_mask)
-        for i in range(self.num_layers):
-            x = BertLayer(
-                self.hidden_size,
-                self.num_heads,
-                self.intermediate_size,
-                self.hidden_act,
-                self.layer_norm_eps,
-                self.hidden_dropout,
-                self.attention_dropout,
-                name=f"layer_{i}",
-                **kw,
-            )(x, bias, train=train)
+        layer = layer_stack(
+            BertLayer,
+            self.num_layers,
+            num_broadcast=1,
+            scan=self.scan_layers,
+            remat=self.remat,
+            train_keyword=True,
+        )
+        fields = (
+            self.hidden_size,
+            self.num_heads,
+            self.intermediate_size,
+            self.hidden_act,
+            self.layer_norm_eps,
+            self.hidden_dropout,
+            self.attention_dropout,
+        )
+        if self.scan_layers:
+            x, _ = layer(*fields, name="layer", **kw)(x, bias, train)
+        else:
+            for i in range(self.num_layers):
+                x = layer(*fields, name=f"layer_{i}", **kw)(x, bias, train)
         if not self.add_pooler:
             if self.num_labels:
                 raise ValueError("a classifier head needs the pooler (add_pooler=True)")

@@ -14,6 +14,10 @@ Parameter paths (stable; LoRA and partial-training regexes are written against t
     lm_head/kernel                     (embed, vocab)   only when embeddings are untied
     score/kernel                       (embed, classes) head="classifier"
 
+With ``scan_layers=True`` the blocks are one ``nn.scan`` module ``h``: ``h/ln_1/scale``
+(layers, embed) and so on, every leaf with a leading ``layers`` axis
+(``ftlab.models.layers.stack_layers`` / ``unstack_layers`` convert to and from ``h_<i>``).
+
 Hugging Face's fused ``c_attn`` is three separate ``nn.Dense`` layers here, so a LoRA regex such
 as ``attn/(q|v)_proj/kernel`` adapts the query and value projections alone.
 
@@ -56,6 +60,7 @@ from ftlab.models.layers import (  # noqa: F401  (re-exported: other modules imp
     kv_cache,
     last_token_index,
     layer_norm,
+    layer_stack,
     num_labels,
     unpack_inputs,
 )
@@ -191,7 +196,8 @@ class GPT2(Decoder):
     Call with token ids (batch, length) or a batch dict holding ``input_ids`` and optionally
     ``attention_mask`` (1 = token, 0 = padding) and ``position_ids``. Logits are float32;
     ``dtype`` is the compute dtype, parameters are kept in ``param_dtype``. ``remat``
-    recomputes each block in the backward pass (activation memory for compute).
+    recomputes each block in the backward pass (activation memory for compute);
+    ``scan_layers`` runs the blocks as one ``nn.scan`` (parameters under ``h``).
     ``decode=True`` runs with a key/value cache (``Decoder``); the cache, sized at ``init``,
     must not exceed ``n_positions``.
     """
@@ -222,8 +228,18 @@ class GPT2(Decoder):
         )
         x = wte(input_ids) + wpe(position_ids)
         x = nn.Dropout(cfg.embd_pdrop, deterministic=not train)(x)
-        block = nn.remat(GPT2Block, static_argnums=(3,)) if self.remat else GPT2Block
-        for i in range(cfg.n_layer):
-            x = block(cfg, i, dt, pdt, decode, name=f"h_{i}")(x, bias, train)
+        block = layer_stack(
+            GPT2Block, cfg.n_layer, num_broadcast=1, scan=self.scan_layers, remat=self.remat
+        )
+        if self.scan_layers:
+            if cfg.scale_attn_by_inverse_layer_idx:
+                raise ValueError(
+                    "scan_layers=True shares one block for all layers, so it cannot scale "
+                    "attention by the layer index (scale_attn_by_inverse_layer_idx=True)"
+                )
+            x, _ = block(cfg, 0, dt, pdt, False, name="h")(x, bias, train)
+        else:
+            for i in range(cfg.n_layer):
+                x = block(cfg, i, dt, pdt, decode, name=f"h_{i}")(x, bias, train)
         x = _layer_norm(cfg, dt, pdt, "ln_f")(x)
         return x, wte

@@ -14,6 +14,16 @@ back with the family's import rules and compared to ``params`` leaf by leaf, so 
 would not re-import to the same tree is an error, not a silent corruption.
 
 Export rules live here per ``model_type`` (``register_exporter``); GPT-2 and LLaMA are built in.
+BERT, ViT and ResNet (``model_type`` ``bert``/``vit``/``resnet``) are written by
+``ftlab.models.hf_export_encoders`` with the encoder importer's names; a ResNet's BatchNorm
+statistics come in ``model_state={"batch_stats": ...}``.
+
+A tree of a ``scan_layers=True`` model (blocks stacked under ``h`` / ``layers`` / ``layer``) is
+unstacked first (``ftlab.models.layers.unstack_layers``), so it exports to the same files.
+
+``source=`` copies the tokenizer / preprocessor / generation files (``ASSET_FILES``) of a model
+directory next to the weights, so that ``AutoTokenizer`` / ``AutoImageProcessor`` load the export
+as they loaded the source.
 """
 
 from __future__ import annotations
@@ -22,15 +32,18 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import numpy as np
 from safetensors.numpy import save_file
 
 from ftlab import tree
 from ftlab.models.hf_import import Family, get_family
+from ftlab.models.layers import SCAN_NAMES, unstack_layers
 
 
 class HFExportError(ValueError):
@@ -233,11 +246,42 @@ def _check_roundtrip(
             raise HFExportError(f"leaf {path!r} does not survive export -> import unchanged")
 
 
+ENCODER_TYPES = ("bert", "vit", "resnet")  # written by ftlab.models.hf_export_encoders
+
+
+def unrolled(params: Mapping) -> Mapping:
+    """A ``scan_layers=True`` tree (``h/...`` with a leading layer axis) as the per-layer tree
+    (``h_0/...``) that Hugging Face's names are written from; other trees unchanged."""
+    for name in SCAN_NAMES:
+        if isinstance(params.get(name), Mapping):
+            return unstack_layers(nn.meta.unbox(dict(params)), name)
+    return params
+
+
 def hf_tensors(
-    params: Mapping, hf_config: Any, *, family: Family | str | None = None
+    params: Mapping,
+    hf_config: Any,
+    *,
+    family: Family | str | None = None,
+    model_state: Mapping | None = None,
 ) -> dict[str, np.ndarray]:
-    """The ``{HF name: float32 array}`` that ``export_hf`` would write (nothing is written)."""
+    """The ``{HF name: array}`` that ``export_hf`` would write (nothing is written): float32,
+    except the int64 ``num_batches_tracked`` of a ResNet's BatchNorms."""
     config = config_dict(hf_config)
+    params = unrolled(params)
+    model_type = family.model_type if isinstance(family, Family) else family
+    model_type = model_type or config.get("model_type")
+    if model_type in ENCODER_TYPES:
+        from ftlab.models.hf_export_encoders import encoder_tensors
+
+        return encoder_tensors(
+            params, {**config, "model_type": model_type}, model_state=model_state
+        )
+    if model_state:
+        raise HFExportError(
+            f"model_state {sorted(model_state)}: a {model_type} model has no collections besides "
+            "params to export"
+        )
     if family is None:
         model_type = config.get("model_type")
         if not model_type:
@@ -249,7 +293,7 @@ def hf_tensors(
 
     flat = {
         p: np.ascontiguousarray(np.asarray(v, dtype=np.float32))
-        for p, v in tree.flatten(params).items()
+        for p, v in tree.flatten(nn.meta.unbox(params)).items()  # init's boxes
     }
     if not flat:
         raise HFExportError("params is empty")
@@ -279,18 +323,56 @@ def hf_tensors(
     return tensors
 
 
+# Files of a model directory that are not weights or config but make it usable: tokenizers
+# (fast and slow: vocabularies, merges, sentencepiece models), image preprocessors, generation
+# defaults and chat templates.
+ASSET_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
+
+
+def asset_files(source: str | os.PathLike) -> list[Path]:
+    """The ``ASSET_FILES`` present in the model directory ``source`` (a missing directory is an
+    error; a directory holding none of them gives ``[]``)."""
+    directory = Path(source).expanduser()
+    if not directory.is_dir():
+        raise HFExportError(
+            f"source {str(directory)!r} (tokenizer / preprocessor files to copy) is not a directory"
+        )
+    return [directory / name for name in ASSET_FILES if (directory / name).is_file()]
+
+
 def export_hf(
     path: str | os.PathLike,
     params: Mapping,
     hf_config: Any,
     *,
     family: Family | str | None = None,
+    model_state: Mapping | None = None,
+    source: str | os.PathLike | None = None,
 ) -> Path:
     """Write a Hugging Face model directory (``config.json`` + ``model.safetensors``).
 
     ``params``: a plain ftlab tree (``Pretrained.params``, ``Method.merged_params(...)``).
     ``hf_config``: the HF config dict (``Pretrained.hf_config``) or a transformers config.
     ``family``: a ``Family`` or model type; by default the config's ``model_type``.
+    ``model_state``: the model's other collections (a ResNet's ``{"batch_stats": ...}``).
+    ``source``: a model directory whose tokenizer / preprocessor / generation files
+    (``ASSET_FILES``, those present) are copied alongside.
     ``path`` must not exist or be an empty directory; returns it.
     """
     out = Path(path).expanduser()
@@ -301,10 +383,14 @@ def export_hf(
             f"export target {str(out)!r} is a non-empty directory; refusing to overwrite it"
         )
     config = config_dict(hf_config)
-    tensors = hf_tensors(params, config, family=family)  # all checks before anything is written
+    # all checks before anything is written
+    tensors = hf_tensors(params, config, family=family, model_state=model_state)
+    assets = [] if source is None else asset_files(source)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "config.json", "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for file in assets:
+        shutil.copyfile(file, out / file.name)
     return out

@@ -195,14 +195,33 @@ def _sample_input(model: nn.Module, num_channels: int) -> Any:
     raise TypeError(f"no HF import for {type(model).__name__} (Bert, ViT and ResNet have one)")
 
 
-def _key_fn(model: nn.Module, tensors: Mapping[str, np.ndarray]) -> KeyFn:
+# The base model's attribute in HF's task models (``BertForSequenceClassification.bert``).
+BASES: dict[type[nn.Module], str] = {Bert: "bert", ViT: "vit", ResNet: "resnet"}
+
+
+def base_name(model: nn.Module) -> str:
+    """``"bert"``, ``"vit"`` or ``"resnet"``: the prefix of a task checkpoint's backbone names."""
+    for cls, base in BASES.items():
+        if isinstance(model, cls):
+            return base
+    raise TypeError(f"no HF names for {type(model).__name__} (Bert, ViT and ResNet have them)")
+
+
+def keys_for(model: nn.Module, prefixed: bool) -> KeyFn:
+    """Flax ``"collection/path"`` -> (HF name, conversion kind) for ``model``; ``prefixed``: the
+    backbone's names start with its base name (``bert.``), as in a task model's checkpoint
+    (a bare ``BertModel`` has none). ``hf_export_encoders`` writes with the same function, so
+    the two directions agree."""
+    marker = {f"{base_name(model)}.": None} if prefixed else {}
     if isinstance(model, Bert):
-        return bert_keys(tensors)
+        return bert_keys(marker)
     if isinstance(model, ViT):
-        return vit_keys(tensors)
-    if isinstance(model, ResNet):
-        return resnet_keys(tensors, model.depths)
-    raise TypeError(f"no HF import for {type(model).__name__} (Bert, ViT and ResNet have one)")
+        return vit_keys(marker)
+    return resnet_keys(marker, model.depths)
+
+
+def _key_fn(model: nn.Module, tensors: Mapping[str, np.ndarray]) -> KeyFn:
+    return keys_for(model, bool(_prefix(tensors, base_name(model))))
 
 
 def _listing(title: str, lines: list[str], limit: int = 20) -> str:

@@ -8,7 +8,10 @@
 - decoder inputs and heads (``unpack_inputs``, ``decoder_inputs``, ``last_token_index``,
   ``classify``, ``decoder_head``);
 - the decoders' key/value cache for autoregressive decoding (``kv_cache``, ``Decoder`` with
-  ``decode=True``; see ``Decoder``).
+  ``decode=True``; see ``Decoder``);
+- stacks of identical blocks run as one ``nn.scan`` (``layer_stack``, the models'
+  ``scan_layers=True``) and the conversion of their parameters to and from the per-layer tree
+  (``stack_layers``, ``unstack_layers``).
 
 Functions that create layers (``dense``, ``layer_norm``, ``classify``, ``decoder_head``) are
 called inside a compact ``__call__``: the layers belong to the calling module.
@@ -17,12 +20,15 @@ called inside a compact ``__call__``: the layers belong to the calling module.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # -- activations ----------------------------------------------------------------------------
 
@@ -268,6 +274,192 @@ class SelfAttention(nn.Module):
         return dense(self.hidden_size, ("heads", "embed"), name="output", **kw)(out)
 
 
+# -- stacks of blocks: unrolled or one nn.scan ----------------------------------------------
+
+SCAN_AXIS = "layers"  # logical axis name of the leading (layer) axis of scanned parameters
+SCAN_NAMES = ("h", "layers", "layer")  # the scanned stack's name in ftlab's models
+
+
+@functools.cache
+def _positional(block: type[nn.Module], train_keyword: bool, carry: bool) -> type[nn.Module]:
+    """``block`` called as ``(x, *broadcast, train)``: ``train`` positional (so ``nn.remat`` can
+    mark it static), returning ``(x, None)`` when ``carry`` (the (carry, output) pair
+    ``nn.scan`` wants). Same fields, same submodules, so the same parameter paths."""
+
+    def __call__(self, x, *args):
+        *args, train = args
+        y = (
+            block.__call__(self, x, *args, train=train)
+            if train_keyword
+            else block.__call__(self, x, *args, train)
+        )
+        return (y, None) if carry else y
+
+    prefix = "Scanned" if carry else "Positional"
+    return type(
+        f"{prefix}{block.__name__}",
+        (block,),
+        {"__call__": __call__, "__module__": block.__module__},
+    )
+
+
+def layer_stack(
+    block: type[nn.Module],
+    length: int,
+    *,
+    num_broadcast: int,
+    scan: bool,
+    remat: bool,
+    train_keyword: bool = False,
+) -> type[nn.Module]:
+    """The module class a model instantiates for its stack of ``length`` identical blocks.
+
+    ``block`` is called ``(x, *broadcast, train)`` (``train`` by keyword when
+    ``train_keyword``), ``num_broadcast`` arguments shared by every layer (attention bias,
+    rotary tables); the class returned always takes ``train`` positionally.
+
+    ``scan=False``: ``block`` (under ``nn.remat`` when ``remat``; a subclass passing ``train``
+    on by keyword when ``train_keyword``), to instantiate once per layer as ``<name>_<i>``.
+    ``scan=True``: one ``nn.scan`` module, called the same way but returning ``(x, None)``,
+    whose ``params`` leaves carry a leading ``length`` axis named ``SCAN_AXIS`` (one compiled
+    block instead of ``length``; the per-layer trees convert with ``stack_layers`` /
+    ``unstack_layers``). Dropout keys are split
+    per layer, so dropout masks differ from the unrolled model's; with dropout off (eval) the
+    two compute the same function. ``remat`` recomputes each block's activations in the
+    backward pass (``prevent_cse=False`` under scan, as ``jax.checkpoint`` advises)."""
+    static = (num_broadcast + 2,)  # self, x, *broadcast, train
+    if not scan:
+        body = _positional(block, train_keyword, carry=False) if train_keyword else block
+        return nn.remat(body, static_argnums=static) if remat else body
+    body = _positional(block, train_keyword, carry=True)
+    if remat:
+        body = nn.remat(body, static_argnums=static, prevent_cse=False)
+    return nn.scan(
+        body,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * (num_broadcast + 1),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: SCAN_AXIS},
+    )
+
+
+def _layer_groups(params: Mapping[str, Any]) -> dict[str, dict[int, str]]:
+    """``{"h": {0: "h_0", 1: "h_1"}}`` for the top-level keys named ``<name>_<index>``."""
+    groups: dict[str, dict[int, str]] = {}
+    for key in params:
+        m = re.fullmatch(r"(.+)_(\d+)", key)
+        if m:
+            groups.setdefault(m.group(1), {})[int(m.group(2))] = key
+    return groups
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _xp(leaves: Sequence[Any]):
+    """numpy for numpy leaves (host memory stays host memory), else jax.numpy."""
+    return np if all(isinstance(v, np.ndarray | np.generic) for v in leaves) else jnp
+
+
+def stack_layers(params: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:
+    """Per-layer subtrees ``<name>_0 .. <name>_{L-1}`` -> one subtree ``<name>`` whose leaves are
+    the layers' leaves stacked on a new leading axis: the tree a ``scan_layers=True`` model
+    takes. Other entries are kept as they are. ``name`` (``h``, ``layers``, ``layer``) may be
+    left out when the tree has a single ``<name>_<i>`` group. Plain (unboxed) arrays only."""
+    groups = _layer_groups(params)
+    if name is None:
+        if len(groups) != 1:
+            found = ", ".join(f"{g}_<i>" for g in sorted(groups)) or "none"
+            raise ValueError(f"stack_layers: pass name=; per-layer groups found: {found}")
+        name = next(iter(groups))
+    layers = groups.get(name)
+    if not layers:
+        raise ValueError(f"stack_layers: params have no {name}_0, {name}_1, ... subtrees")
+    if name in params:
+        raise ValueError(f"stack_layers: params already hold a {name!r} entry")
+    if sorted(layers) != list(range(len(layers))):
+        raise ValueError(
+            f"stack_layers: {name}_<i> indices {sorted(layers)} are not 0..{len(layers) - 1}"
+        )
+    flats = [_flat(params[layers[i]]) for i in range(len(layers))]
+    for i, flat in enumerate(flats[1:], 1):
+        if flat.keys() != flats[0].keys():
+            diff = sorted(flat.keys() ^ flats[0].keys())
+            raise ValueError(f"stack_layers: {name}_{i} and {name}_0 differ in {diff[:5]}")
+        bad = [p for p in flat if np.shape(flat[p]) != np.shape(flats[0][p])]
+        if bad:
+            raise ValueError(
+                f"stack_layers: {name}_{i}/{bad[0]} has shape {np.shape(flats[i][bad[0]])}, "
+                f"{name}_0/{bad[0]} has {np.shape(flats[0][bad[0]])}"
+            )
+    stacked = {
+        path: _xp([f[path] for f in flats]).stack([f[path] for f in flats]) for path in flats[0]
+    }
+    out = {k: v for k, v in params.items() if k not in layers.values()}
+    out[name] = _nested(stacked)
+    return out
+
+
+def unstack_layers(params: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:
+    """The inverse of ``stack_layers``: subtree ``<name>`` with a leading layer axis ->
+    ``<name>_0 .. <name>_{L-1}`` (the readable paths that import/export and method regexes
+    use). ``name`` may be left out when exactly one of ``SCAN_NAMES`` is in the tree."""
+    if name is None:
+        found = [k for k in SCAN_NAMES if isinstance(params.get(k), Mapping)]
+        if len(found) != 1:
+            raise ValueError(
+                f"unstack_layers: pass name=; scanned subtrees found among {SCAN_NAMES}: "
+                f"{found or 'none'}"
+            )
+        name = found[0]
+    if name not in params:
+        raise ValueError(f"unstack_layers: params have no scanned subtree {name!r}")
+    if _layer_groups(params).get(name):
+        raise ValueError(f"unstack_layers: params hold both {name!r} and {name}_<i> entries")
+    flat = _flat(params[name]) if isinstance(params[name], Mapping) else {}
+    if not flat:
+        raise ValueError(f"unstack_layers: {name!r} is not a subtree of stacked leaves")
+    sizes = {np.shape(v)[0] if np.ndim(v) else None for v in flat.values()}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            f"unstack_layers: leaves of {name!r} do not share one leading layer axis "
+            f"(sizes {sorted(map(str, sizes))})"
+        )
+    (length,) = sizes
+    out = {k: v for k, v in params.items() if k != name}
+    for i in range(length):
+        out[f"{name}_{i}"] = _nested({p: v[i] for p, v in flat.items()})
+    return out
+
+
+def _without_scan(module: nn.Module, decode: bool) -> None:
+    if decode and getattr(module, "scan_layers", False):
+        raise ValueError(
+            f"{type(module).__name__}: decode=True (key/value cache) needs the unrolled layers; "
+            "build the model with scan_layers=False and convert the parameters with "
+            "ftlab.models.layers.unstack_layers"
+        )
+
+
 # -- decoder inputs and heads ---------------------------------------------------------------
 
 HEADS = ("lm", "classifier", "none")
@@ -401,7 +593,10 @@ class Decoder(nn.Module):
     dict holding ``input_ids`` and optionally ``attention_mask`` (1 = token, 0 = padding) and
     ``position_ids`` (default ``0..length-1`` per row), and applies ``decoder_head``. Logits are
     float32; ``dtype`` is the compute dtype, parameters are kept in ``param_dtype``; ``remat``
-    recomputes each block in the backward pass.
+    recomputes each block in the backward pass. ``scan_layers`` runs the blocks as one
+    ``nn.scan`` (``layer_stack``): one compiled block, parameters stacked on a leading
+    ``layers`` axis under a single name (``stack_layers`` / ``unstack_layers`` convert);
+    decoding with the cache then is an error (use the unrolled model).
 
     Decoding with a key/value cache (``decode=True``), the usual linen pattern:
 
@@ -426,6 +621,7 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = False
 
     def backbone(
         self,
@@ -479,6 +675,7 @@ class Decoder(nn.Module):
             type(self).__name__, self.head, inputs, attention_mask, position_ids
         )
         b, t = input_ids.shape
+        _without_scan(self, decode)
         if decode:
             position_ids, bias = self._decode_bias(
                 input_ids, attention_mask, position_ids if explicit else None

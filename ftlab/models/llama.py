@@ -15,6 +15,10 @@ Parameter paths (stable; regexes are written against them)::
     lm_head/kernel                                 (embed, vocab)   untied only
     score/kernel                                   (embed, classes) head="classifier"
 
+With ``scan_layers=True`` the blocks are one ``nn.scan`` module ``layers`` whose leaves
+(``layers/self_attn/q_proj/kernel`` (layers, embed, heads), ...) lead with a ``layers`` axis;
+``ftlab.models.layers.stack_layers`` / ``unstack_layers`` convert to and from ``layers_<i>``.
+
 Projections get a ``bias`` (last axis named as the kernel's) only when the config sets
 ``attention_bias`` / ``mlp_bias``. Logical axis names are those of ``ftlab.models.gpt2``:
 ``vocab``, ``embed``, ``heads``, ``kv_heads``, ``mlp``, ``classes``. The tree from ``init`` is
@@ -42,6 +46,7 @@ from ftlab.models.layers import (
     dense,
     hf_get,
     kv_cache,
+    layer_stack,
     num_labels,
 )
 
@@ -284,8 +289,17 @@ class Llama(Decoder):
             name="embed_tokens",
         )
         x = nn.Dropout(cfg.dropout, deterministic=not train)(embed(input_ids))
-        block = nn.remat(LlamaBlock, static_argnums=(5,)) if self.remat else LlamaBlock
-        for i in range(cfg.num_hidden_layers):
-            x = block(cfg, dt, pdt, decode, name=f"layers_{i}")(x, bias, cos, sin, train)
+        block = layer_stack(
+            LlamaBlock,
+            cfg.num_hidden_layers,
+            num_broadcast=3,
+            scan=self.scan_layers,
+            remat=self.remat,
+        )
+        if self.scan_layers:
+            x, _ = block(cfg, dt, pdt, False, name="layers")(x, bias, cos, sin, train)
+        else:
+            for i in range(cfg.num_hidden_layers):
+                x = block(cfg, dt, pdt, decode, name=f"layers_{i}")(x, bias, cos, sin, train)
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="norm")(x)
         return x, embed

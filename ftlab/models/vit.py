@@ -16,6 +16,9 @@ Parameter paths (pre-LN layers, one ``layer_<i>`` per encoder layer)::
     layernorm/{scale,bias}
     classifier/{kernel (embed, classes), bias (classes,)}   (when ``num_labels > 0``)
 
+With ``scan_layers=True`` the layers are one ``nn.scan`` module ``layer`` whose leaves lead with a
+``layers`` axis (``ftlab.models.layers.stack_layers`` / ``unstack_layers`` convert).
+
 Logical axis names: ``conv_in``, ``embed``, ``position``, ``heads`` (fused heads x head_dim),
 ``mlp``, ``classes`` (``None`` on the conv's spatial and the singleton axes). ``model.init``
 returns them boxed (``flax.linen.meta.unbox`` gives plain arrays).
@@ -32,7 +35,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ftlab.models.layers import SelfAttention, activation, dense, hf_fields, layer_norm
+from ftlab.models.layers import (
+    SelfAttention,
+    activation,
+    dense,
+    hf_fields,
+    layer_norm,
+    layer_stack,
+)
 
 
 class ViTLayer(nn.Module):
@@ -150,6 +160,8 @@ class ViT(nn.Module):
     num_labels: int = 0  # 0: no classifier head
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = False  # recompute each layer's activations in the backward pass
+    scan_layers: bool = False  # one nn.scan over the layers (parameters under ``layer``)
 
     @classmethod
     def from_hf_config(cls, config: Any, **overrides: Any) -> ViT:
@@ -188,19 +200,29 @@ class ViT(nn.Module):
             name="embeddings",
             **kw,
         )(jnp.asarray(images), train=train)
-        for i in range(self.num_layers):
-            x = ViTLayer(
-                self.hidden_size,
-                self.num_heads,
-                self.mlp_size,
-                self.hidden_act,
-                self.layer_norm_eps,
-                self.qkv_bias,
-                self.hidden_dropout,
-                self.attention_dropout,
-                name=f"layer_{i}",
-                **kw,
-            )(x, train=train)
+        layer = layer_stack(
+            ViTLayer,
+            self.num_layers,
+            num_broadcast=0,
+            scan=self.scan_layers,
+            remat=self.remat,
+            train_keyword=True,
+        )
+        fields = (
+            self.hidden_size,
+            self.num_heads,
+            self.mlp_size,
+            self.hidden_act,
+            self.layer_norm_eps,
+            self.qkv_bias,
+            self.hidden_dropout,
+            self.attention_dropout,
+        )
+        if self.scan_layers:
+            x, _ = layer(*fields, name="layer", **kw)(x, train)
+        else:
+            for i in range(self.num_layers):
+                x = layer(*fields, name=f"layer_{i}", **kw)(x, train)
         x = layer_norm(self.layer_norm_eps, "embed", name="layernorm", **kw)(x)[:, 0]
         if not self.num_labels:
             return x

@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from ftlab import checkpoint, tree
 from ftlab.config import ConfigError, to_dict
-from ftlab.data import Dataset, Split, load_dataset, pipeline
-from ftlab.data import augment
+from ftlab.data import Dataset, Split, augment, load_dataset, pipeline
 from ftlab.data.batches import eval_batches, nest
 from ftlab.eval import metrics as metrics_lib
 from ftlab.eval import plots, text_metrics
@@ -259,7 +258,7 @@ def _train_batches(
     return batches
 
 
-def prepare(cfg: mc.ConfigDict) -> tuple[Dataset, nn.Module, Method]:
+def prepare(cfg: mc.ConfigDict, workdir: Path | None = None) -> tuple[Dataset, nn.Module, Method]:
     """Validate the config and resolve data, model and method without compiling anything.
 
     The method is resolved on parameter shapes alone (``jax.eval_shape``), so every config
@@ -267,7 +266,7 @@ def prepare(cfg: mc.ConfigDict) -> tuple[Dataset, nn.Module, Method]:
     than the data) comes before any compilation or any file is written.
     """
     validate(cfg)
-    data = load_dataset(cfg.data)
+    data = load_dataset(cfg.data, workdir=workdir, tokenizer=cfg.model.pretrained)
     pipeline.steps_per_epoch(len(data.train), cfg.train.batch_size, cfg.data.last_batch)
     task_metrics = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
     if data.task == "regression":
@@ -297,9 +296,7 @@ def train(
     start_time = time.time()
     use_fast_cpu_rng()
     workdir = Path(workdir)
-    data, model, method = prepare(cfg)
-    for line in data.report().splitlines():
-        log.info("data %s", line)
+    data, model, method = prepare(cfg, workdir)
     per_epoch = pipeline.steps_per_epoch(len(data.train), cfg.train.batch_size, cfg.data.last_batch)
     total_steps = cfg.train.num_steps or cfg.train.num_epochs * per_epoch
     sample = data.train.sample_inputs()
@@ -446,6 +443,23 @@ def train(
         if len(data.test)
         else {}
     )
+    if data.task == "causal_lm" and cfg.eval.generate_examples > 0:
+        from ftlab.eval.generation_eval import evaluate_generation
+
+        held_out = test if len(data.test) else val  # model selection never sees these scores
+        held_out.update(
+            evaluate_generation(
+                model,
+                method,
+                state.trainable,
+                state.frozen,
+                data.test if len(data.test) else data.val,
+                data.tokenizer,
+                cfg.data.template,
+                cfg.eval,
+                workdir / "generations.jsonl" if jax.process_index() == 0 else None,
+            )
+        )
     ckpts.close()
     writer.write(
         step,

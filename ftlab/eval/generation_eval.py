@@ -1,0 +1,101 @@
+"""Score a fine-tuned causal LM by what it writes: decode test prompts, BLEU and ROUGE.
+
+Rows sharing a prompt (E2E has several human references per meaning representation) are
+decoded once and scored against all of their references, as the E2E and LoRA papers do.
+The prompt is formatted by the run's template and tokenised exactly as in training
+(``ftlab.data.text``), so the model continues where its training examples' responses began.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ftlab.data import Split
+from ftlab.data import text as text_lib
+from ftlab.eval import text_metrics
+from ftlab.eval.generate import generate
+
+
+def grouped_prompts(split: Split, limit: int) -> list[tuple[dict[str, str], list[str]]]:
+    """Up to ``limit`` distinct (record, references) pairs in split order."""
+    if "response" not in split.text or "prompt" not in split.text:
+        raise ValueError("generation needs the split's prompt and response texts")
+    context = split.text.get("context", np.full(len(split), "", object))
+    groups: dict[tuple[str, str], list[str]] = {}
+    for p, c, r in zip(split.text["prompt"], context, split.text["response"]):
+        groups.setdefault((str(p), str(c)), []).append(str(r))
+    items = list(groups.items())[:limit]
+    return [({"instruction": p, "input": c, "output": ""}, refs) for (p, c), refs in items]
+
+
+def prompt_ids(tokenizer: Any, template: Any, record: dict[str, str]) -> list[int]:
+    """The prompt's tokens as ``encode_instructions`` makes them (bos kept, no eos)."""
+    prompt, _ = text_lib.instruction_texts({**record, "output": "x"}, template, tokenizer)
+    plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if template == text_lib.CHAT:
+        return list(plain)
+    with_sp = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return text_lib._strip_trailing_specials(list(with_sp), list(plain), tokenizer.bos_token_id)
+
+
+def evaluate_generation(
+    model: Any,
+    method: Any,
+    trainable: Any,
+    frozen: Any,
+    split: Split,
+    tokenizer: Any,
+    template_spec: str,
+    cfg: Any,
+    out_file: Path | None = None,
+) -> dict[str, float]:
+    """Decode ``cfg.generate_examples`` distinct prompts (``config.eval``) and score them."""
+    template = text_lib.load_template(template_spec)
+    groups = grouped_prompts(split, cfg.generate_examples)
+    eos = tokenizer.eos_token_id
+    hypotheses, references, rows = [], [], []
+    for start in range(0, len(groups), cfg.batch_size):
+        chunk = groups[start : start + cfg.batch_size]
+        ids = [prompt_ids(tokenizer, template, record) for record, _ in chunk]
+        width = max(len(i) for i in ids)
+        size = cfg.batch_size  # one shape: the decoder compiles once
+        batch = np.full((size, width), tokenizer.pad_token_id, np.int32)
+        mask = np.zeros((size, width), np.int32)
+        for row, seq in enumerate(ids):  # left-padded, as the KV cache wants
+            batch[row, width - len(seq) :] = seq
+            mask[row, width - len(seq) :] = 1
+        mask[len(ids) :, -1] = 1  # filler rows need one real token
+        out = generate(
+            model,
+            None,
+            batch,
+            mask,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+            adapter=method,
+            trainable=trainable,
+            frozen=frozen,
+            num_beams=cfg.num_beams,
+            length_penalty=cfg.length_penalty,
+            no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+        )
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        for row, (record, refs) in enumerate(chunk):
+            new = [t for t in tokens[row, : lengths[row]].tolist() if t != eos]
+            text = tokenizer.decode(new, skip_special_tokens=True).strip()
+            hypotheses.append(text)
+            references.append(refs)
+            rows.append({"prompt": record["instruction"], "output": text, "references": refs})
+    scores = {"bleu": text_metrics.bleu(hypotheses, references)}
+    scores.update(text_metrics.rouge(hypotheses, references))
+    scores["generated_examples"] = len(hypotheses)
+    if out_file is not None:
+        with open(out_file, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return scores

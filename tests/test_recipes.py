@@ -1,0 +1,103 @@
+"""The reference-recipe configs run end to end, shrunk by their ``runlocal`` argument, and the
+full-size ones fail offline with a message that names the key and the local alternative."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ftlab.cli import main
+from ftlab.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def _run(tmp_path, config: str, *overrides: str) -> Path:
+    workdir = tmp_path / "run"
+    assert main(["train", str(CONFIGS / config), "--workdir", str(workdir), *overrides]) == 0
+    return workdir
+
+
+def _lora_count(summary: dict) -> int:
+    """r x (in + out) for every adapted kernel, read from the method line and the config."""
+    return summary["trainable_params"]
+
+
+def test_gpt2_e2e_lora_runlocal_trains_scores_and_decodes(tmp_path):
+    workdir = _run(tmp_path, "gpt2_e2e.py:lora,runlocal")
+    summary = json.loads((workdir / "summary.json").read_text())
+    cfg = load_config(f"{CONFIGS / 'gpt2_e2e.py'}:lora,runlocal")
+    width, layers, r = (
+        cfg.model.hf_config.n_embd,
+        cfg.model.hf_config.n_layer,
+        cfg.method.lora.rank,
+    )
+    # q and v of every block: a (width, r) and b (r, width)
+    assert summary["trainable_params"] == layers * 2 * r * (width + width)
+    test = summary["test"]
+    assert np.isfinite(test["perplexity"]) and test["perplexity"] > 1
+    assert 0 <= test["bleu"] <= 100 and 0 <= test["rougeL"] <= 100
+    rows = [json.loads(line) for line in (workdir / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == test["generated_examples"] == cfg.eval.generate_examples
+    assert all(r["references"] and r["prompt"].startswith("name[") for r in rows)
+
+
+@pytest.mark.parametrize("method, trained", [("full", "h_0/"), ("top2", "h_1/")])
+def test_gpt2_e2e_full_and_top_blocks_runlocal(tmp_path, method, trained):
+    workdir = _run(tmp_path, f"gpt2_e2e.py:{method},runlocal", "--config.eval.generate_examples=0")
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert trained in summary["method_summary"]
+    if method == "top2":  # runlocal has 2 blocks and trains the last one
+        assert "h_0/" not in summary["method_summary"].split("trained:")[-1]
+        assert summary["trainable_params"] < summary["total_params"]
+    else:
+        assert summary["trainable_params"] == summary["total_params"]
+
+
+def test_alpaca_lora_runlocal_masks_the_prompt_and_accumulates(tmp_path):
+    workdir = _run(tmp_path, "alpaca_lora_llama7b.py:runlocal")
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert "lora r=8 alpha=16" in summary["method_summary"]
+    assert "self_attn/q_proj" in summary["method_summary"]
+    assert np.isfinite(summary["val"]["perplexity"])
+
+
+def test_bert_sst2_runlocal_full_fine_tuning(tmp_path):
+    workdir = _run(tmp_path, "bert_sst2.py:runlocal")
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["trainable_params"] == summary["total_params"]
+    assert set(summary["test"]) >= {"accuracy", "f1_macro", "confusion_matrix"}
+    assert np.sum(summary["test"]["confusion_matrix"]) > 0
+
+
+@pytest.mark.parametrize("config", ["vit_cifar10.py:runlocal", "resnet50_cifar10.py:runlocal"])
+def test_image_recipes_compare_linear_probe_and_full(tmp_path, config):
+    workdir = _run(tmp_path, config)
+    results = json.loads((workdir / "results.json").read_text())
+    text = json.dumps(results)
+    assert "linear_probe" in text and "full" in text
+    probe = json.loads((workdir / "linear_probe" / "summary.json").read_text())
+    full = json.loads((workdir / "full" / "summary.json").read_text())
+    assert "classifier/kernel" in probe["method_summary"]
+    assert probe["trainable_params"] < full["trainable_params"] == full["total_params"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["gpt2_e2e.py", "alpaca_lora_llama7b.py", "bert_sst2.py", "vit_cifar10.py"],
+)
+def test_full_size_recipes_fail_offline_naming_the_key(tmp_path, monkeypatch, capsys, config):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["train", str(CONFIGS / config), "--workdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "config.model.pretrained" in err and "offline" in err.lower()
+    assert not (tmp_path / "run").exists()  # nothing written before the config is usable
+
+
+def test_recipe_docstrings_name_source_and_target():
+    for name in ("gpt2_e2e", "alpaca_lora_llama7b", "bert_sst2", "vit_cifar10", "resnet50_cifar10"):
+        doc = (CONFIGS / f"{name}.py").read_text().split('"""')[1]
+        assert "Source:" in doc and "runlocal" in doc

@@ -145,6 +145,10 @@ def base_config() -> mc.ConfigDict:
     c.train.eval_every = 50
     c.train.eval_batch_size = 256
 
+    c.export = mc.ConfigDict()  # written into the workdir when training ends
+    c.export.hf = False  # workdir/hf: a Hugging Face directory (LoRA merged) transformers loads
+    c.export.peft = False  # workdir/peft_adapter: the LoRA adapter in PEFT's format
+
     c.eval = mc.ConfigDict()  # causal LMs: decode test prompts and score BLEU / ROUGE
     c.eval.generate_examples = 0  # distinct test prompts decoded at the end (0: none)
     c.eval.max_new_tokens = 64
@@ -294,6 +298,14 @@ def validate(cfg: mc.ConfigDict) -> None:
             "method.lora.targets",
             "LoRA needs at least one target regex",
         )
+    if cfg.export.hf or cfg.export.peft:
+        _check(
+            cfg.model.name == "hf",
+            "export.hf" if cfg.export.hf else "export.peft",
+            "Hugging Face export needs a Hugging Face model (model.name = 'hf')",
+        )
+    if cfg.export.peft:
+        _check(cfg.method.name == "lora", "export.peft", "a PEFT adapter needs method.name 'lora'")
     if cfg.method.name == "frozen":
         _check(
             len(cfg.method.trainable) > 0,

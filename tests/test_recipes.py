@@ -6,9 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
+from ftlab import checkpoint, tree
 from ftlab.cli import main
 from ftlab.config import load_config
+from ftlab.models.hf_import import load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -20,13 +23,13 @@ def _run(tmp_path, config: str, *overrides: str) -> Path:
     return workdir
 
 
-def _lora_count(summary: dict) -> int:
-    """r x (in + out) for every adapted kernel, read from the method line and the config."""
-    return summary["trainable_params"]
-
-
-def test_gpt2_e2e_lora_runlocal_trains_scores_and_decodes(tmp_path):
-    workdir = _run(tmp_path, "gpt2_e2e.py:lora,runlocal")
+def test_gpt2_e2e_lora_runlocal_trains_scores_decodes_and_exports(tmp_path):
+    workdir = _run(
+        tmp_path,
+        "gpt2_e2e.py:lora,runlocal",
+        "--config.export.hf=True",
+        "--config.export.peft=True",
+    )
     summary = json.loads((workdir / "summary.json").read_text())
     cfg = load_config(f"{CONFIGS / 'gpt2_e2e.py'}:lora,runlocal")
     width, layers, r = (
@@ -42,6 +45,19 @@ def test_gpt2_e2e_lora_runlocal_trains_scores_and_decodes(tmp_path):
     rows = [json.loads(line) for line in (workdir / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == test["generated_examples"] == cfg.eval.generate_examples
     assert all(r["references"] and r["prompt"].startswith("name[") for r in rows)
+
+    # the Hugging Face export re-imports to the run's merged parameters, bit for bit
+    saved = tree.flatten(checkpoint.load_pytree(workdir / "params"))
+    imported = tree.flatten(load_pretrained(workdir / "hf").params)
+    assert saved.keys() == imported.keys()
+    for path, value in saved.items():
+        np.testing.assert_array_equal(np.asarray(imported[path]), np.asarray(value), err_msg=path)
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "hf")
+    assert tokenizer("name[The Eagle]").input_ids  # the tokenizer travelled with the model
+    adapter = json.loads((workdir / "peft_adapter" / "adapter_config.json").read_text())
+    # q and v fuse into Hugging Face's c_attn as one rank-2r adapter with the same scaling
+    assert adapter["target_modules"] == ["c_attn"] and adapter["r"] == 2 * r
+    assert adapter["lora_alpha"] / adapter["r"] == cfg.method.lora.alpha / r
 
 
 @pytest.mark.parametrize("method, trained", [("full", "h_0/"), ("top2", "h_1/")])
@@ -86,15 +102,34 @@ def test_image_recipes_compare_linear_probe_and_full(tmp_path, config):
 
 @pytest.mark.parametrize(
     "config",
-    ["gpt2_e2e.py", "alpaca_lora_llama7b.py", "bert_sst2.py", "vit_cifar10.py"],
+    ["gpt2_e2e.py", "alpaca_lora_llama7b.py", "bert_sst2.py"],
 )
 def test_full_size_recipes_fail_offline_naming_the_key(tmp_path, monkeypatch, capsys, config):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code = main(["train", str(CONFIGS / config), "--workdir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2
-    assert "config.model.pretrained" in err and "offline" in err.lower()
+    # the first thing it would fetch is named: the dataset (hub) or the model
+    assert "offline" in err.lower()
+    assert "config.data.name" in err or "config.model.pretrained" in err
     assert not (tmp_path / "run").exists()  # nothing written before the config is usable
+
+
+def test_model_hub_id_offline_names_the_model_key(tmp_path, monkeypatch, capsys):
+    """Data present locally, the model on the hub: the model key and the local way are named."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(
+        [
+            "train",
+            str(CONFIGS / "bert_sst2.py") + ":runlocal",
+            "--workdir",
+            str(tmp_path / "run"),
+            "--config.model.pretrained=bert-base-uncased",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "config.model.pretrained" in err and "offline" in err.lower()
+    assert not (tmp_path / "run").exists()
 
 
 def test_recipe_docstrings_name_source_and_target():

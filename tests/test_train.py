@@ -169,6 +169,7 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(tmp_path):
             "data.clean.malformed": False,
             "data.clean.missing": "",
             "data.clean.duplicates": False,
+            "data.clean.leakage": "",
             "model.name": "mlp",
             "train.num_steps": 30,
             "train.log_every": 1,
@@ -284,3 +285,27 @@ def test_workdir_with_a_different_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"different config \(changed: optim\.lr\)"):
         train(tiny_config(**{"train.num_steps": 5, "optim.lr": 0.5}), tmp_path)
     assert (tmp_path / "config.json").read_text() == before
+
+
+def test_malformed_rows_are_skipped_and_listed_in_the_workdir(tmp_path):
+    rng = np.random.default_rng(1)
+    inputs = rng.normal(size=(120, 4)).astype(np.float32)
+    labels = (inputs[:, 0] > 0).astype(np.int64)
+    inputs[[3, 50, 90]] = np.nan  # three malformed rows (non-finite features)
+    np.savez(tmp_path / "data.npz", inputs=inputs, labels=labels)
+    cfg = tiny_config(
+        **{
+            "data.source": "npz",
+            "data.path": str(tmp_path / "data.npz"),
+            "data.classes": (),
+            "data.scale": 1.0,
+            "model.name": "mlp",
+            "train.num_steps": 4,
+            "train.eval_every": 4,
+        }
+    )
+    summary = train(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rejects.jsonl").open()]
+    assert sorted(r["row"] for r in rows) == [3, 50, 90]
+    assert all("non-finite" in r["reason"] for r in rows)
+    assert np.isfinite(summary["val"]["loss"])

@@ -80,6 +80,7 @@ class Dataset:
     target_std: np.ndarray | None = None
     tokenizer: Any = None  # text data: the tokenizer that made the token ids
     clean_log: dict = dataclasses.field(default_factory=dict)  # counts per cleaning step
+    rejected: list = dataclasses.field(default_factory=list)  # rows cleaning skipped, and why
 
     def original_units(self, values: np.ndarray) -> np.ndarray:
         if self.target_mean is None:

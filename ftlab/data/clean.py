@@ -143,6 +143,7 @@ def reject_malformed(
 
     splits = splits.map(step)
     counts["reasons"] = dict(Counter(r["reason"].split(":")[0] for r in rejects))
+    counts["rejected"] = rejects  # the rows themselves, for a caller that writes them later
     if rejects_path is not None:
         path = Path(rejects_path)
         path.parent.mkdir(parents=True, exist_ok=True)

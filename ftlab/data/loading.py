@@ -162,7 +162,8 @@ def load_dataset(
 ) -> Dataset:
     """The train/val/test arrays ``cfg`` (``config.data``) describes.
 
-    ``workdir``: where the rejected rows are written (``clean.rejects_file``); ``tokenizer``:
+    ``workdir``: where the rejected rows are written (``clean.rejects_file``; the loop passes
+    none and writes ``data.rejected`` once the config has proved usable); ``tokenizer``:
     the tokenizer to use when ``data.tokenizer`` is empty (the pretrained model's directory).
     """
     frames = tables.load_tables(cfg, arrays=arrays)
@@ -182,9 +183,9 @@ def load_dataset(
         seed=cfg.split_seed,
         stratify=cfg.stratify and task == "classification",
     )
-    rejects = Path(workdir) / c.rejects_file if workdir is not None else None
     clean_cfg = {**c.to_dict(), "label_map": label_map}
-    splits, clean_log = clean.clean(splits, clean_cfg, rejects_path=rejects, task=task)
+    splits, clean_log = clean.clean(splits, clean_cfg, task=task)
+    rejected = clean_log.get("malformed", {}).pop("rejected", [])
     for step, counts in clean_log.items():
         log.info("data clean %s: %s", step, counts)
     if cfg.balance.method:
@@ -228,4 +229,17 @@ def load_dataset(
         log.info("data class weights: %s", np.round(weights, 4).tolist())
     data.tokenizer = tok
     data.clean_log = clean_log
+    data.rejected = rejected
+    if workdir is not None and rejected:
+        write_rejects(Path(workdir) / c.rejects_file, rejected)
     return data
+
+
+def write_rejects(path: Path, rows: list[dict]) -> None:
+    """The rows cleaning skipped (split, row, column, reason, value), one JSON per line."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")

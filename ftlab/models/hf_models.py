@@ -135,3 +135,26 @@ def _fresh(model: nn.Module, sample: Any, rng: jax.Array, paths: list[str]) -> d
         return {p: flat[p] for p in paths}
 
     return jax.jit(init)(rng)
+
+
+_ARCHITECTURES = {
+    ("gpt2", "lm"): "GPT2LMHeadModel",
+    ("gpt2", "classifier"): "GPT2ForSequenceClassification",
+    ("llama", "lm"): "LlamaForCausalLM",
+    ("llama", "classifier"): "LlamaForSequenceClassification",
+    ("bert", "classifier"): "BertForSequenceClassification",
+    ("vit", "classifier"): "ViTForImageClassification",
+    ("resnet", "classifier"): "ResNetForImageClassification",
+}
+
+
+def export_config(cfg: mc.ConfigDict, task: str, class_names: list[str]) -> dict[str, Any]:
+    """The ``config.json`` of a fine-tuned model: the source's, with the task's head and labels."""
+    config = hf_config(cfg)
+    head = head_for(task)
+    config["architectures"] = [_ARCHITECTURES[(config["model_type"], head)]]
+    if head == "classifier":
+        config["id2label"] = {str(i): name for i, name in enumerate(class_names)}
+        config["label2id"] = {name: i for i, name in enumerate(class_names)}
+        config["num_labels"] = len(class_names)
+    return config

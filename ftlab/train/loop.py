@@ -26,6 +26,7 @@ from ftlab import checkpoint, tree
 from ftlab.config import ConfigError, to_dict
 from ftlab.data import Dataset, Split, augment, load_dataset, pipeline
 from ftlab.data.batches import eval_batches, nest
+from ftlab.data.loading import write_rejects
 from ftlab.eval import metrics as metrics_lib
 from ftlab.eval import plots, text_metrics
 from ftlab.methods import Method, build_method
@@ -296,7 +297,7 @@ def train(
     start_time = time.time()
     use_fast_cpu_rng()
     workdir = Path(workdir)
-    data, model, method = prepare(cfg, workdir)
+    data, model, method = prepare(cfg)
     per_epoch = pipeline.steps_per_epoch(len(data.train), cfg.train.batch_size, cfg.data.last_batch)
     total_steps = cfg.train.num_steps or cfg.train.num_epochs * per_epoch
     sample = data.train.sample_inputs()
@@ -320,6 +321,13 @@ def train(
     # Checkpoints: resume from the latest one if there is one.
     workdir.mkdir(parents=True, exist_ok=True)
     _save_config(workdir / "config.json", cfg)
+    if data.rejected:
+        write_rejects(workdir / cfg.data.clean.rejects_file, data.rejected)
+        log.warning(
+            "data: %d malformed rows skipped, listed in %s",
+            len(data.rejected),
+            workdir / cfg.data.clean.rejects_file,
+        )
     es_cfg = cfg.early_stopping
     ckpts = checkpoint.Checkpoints(
         workdir / "checkpoints",
@@ -481,13 +489,52 @@ def train(
         "test": test,
     }
     if jax.process_index() == 0:
-        _write_outputs(workdir, summary, data, method, state)
+        _write_outputs(cfg, workdir, summary, data, method, state)
     log.info("done: %s", metrics_lib.scalars(test or val))
     return summary
 
 
+def _export(
+    cfg: mc.ConfigDict, workdir: Path, data: Dataset, method: Method, state: TrainState
+) -> None:
+    """``config.export``: the merged model as a Hugging Face directory (with the tokenizer) and
+    the LoRA adapter in PEFT's format, for transformers / peft users."""
+    if not (cfg.export.hf or cfg.export.peft):
+        return
+    from ftlab.models import hf_import
+    from ftlab.models.hf_models import export_config
+
+    config = export_config(cfg.model, data.task, data.class_names)
+    source = cfg.data.tokenizer or cfg.model.pretrained
+    source = str(hf_import.resolve(source)) if source else None
+    if cfg.export.hf and not (workdir / "hf").exists():
+        from ftlab.models.hf_export import export_hf
+
+        merged = jax.device_get(jax.jit(method.merged_params)(state.trainable, state.frozen))
+        model_state = jax.device_get(state.model_state) or None
+        export_hf(workdir / "hf", merged, config, model_state=model_state, source=source)
+        log.info("exported a Hugging Face model to %s", workdir / "hf")
+    if cfg.export.peft and not (workdir / "peft_adapter").exists():
+        from ftlab.methods.peft import export_method_adapter
+
+        export_method_adapter(
+            workdir / "peft_adapter",
+            method,
+            jax.device_get(state.trainable),
+            jax.device_get(state.frozen),
+            config,
+            base_model_name_or_path=cfg.model.pretrained or None,
+        )
+        log.info("exported the LoRA adapter (PEFT format) to %s", workdir / "peft_adapter")
+
+
 def _write_outputs(
-    workdir: Path, summary: dict, data: Dataset, method: Method, state: TrainState
+    cfg: mc.ConfigDict,
+    workdir: Path,
+    summary: dict,
+    data: Dataset,
+    method: Method,
+    state: TrainState,
 ) -> None:
     """summary.json, plots, and the final parameters (LoRA merged) for later stages/export."""
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -505,6 +552,7 @@ def _write_outputs(
             workdir / "confusion_matrix.png",
             f"{workdir.name}: {split} confusion matrix",
         )
+    _export(cfg, workdir, data, method, state)
     params_dir = workdir / "params"
     if not params_dir.exists():
         checkpoint.save_pytree(

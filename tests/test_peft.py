@@ -16,7 +16,6 @@ from safetensors.numpy import load_file, save_file
 
 from ftlab import tree
 from ftlab.methods import build_method
-from ftlab.models.hf_import import load_pretrained
 from ftlab.methods.peft import (
     PEFT_PREFIX,
     PeftAdapterError,
@@ -24,6 +23,7 @@ from ftlab.methods.peft import (
     export_peft_adapter,
     load_peft_adapter,
 )
+from ftlab.models.hf_import import load_pretrained
 from ftlab.schema import base_config
 
 FIXTURES = Path(__file__).parent / "fixtures"

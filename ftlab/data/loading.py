@@ -184,6 +184,9 @@ def load_dataset(
         stratify=cfg.stratify and task == "classification",
     )
     clean_cfg = {**c.to_dict(), "label_map": label_map}
+    standardise_early = bool(cfg.balance.method) and not c.normalise and cfg.scale <= 0
+    if standardise_early:  # statistics of the real training rows, not the resampled ones
+        clean_cfg["normalise"] = "standardise"
     splits, clean_log = clean.clean(splits, clean_cfg, task=task)
     rejected = clean_log.get("malformed", {}).pop("rejected", [])
     for step, counts in clean_log.items():
@@ -221,7 +224,8 @@ def load_dataset(
         data.train = _few_per_class(
             data.train, cfg.train_per_class, data.num_outputs, cfg.split_seed
         )
-    if task in ("classification", "regression") and not text_input and not c.normalise:
+    scaled = c.normalise or standardise_early
+    if task in ("classification", "regression") and not text_input and not scaled:
         _scale_inputs(data, cfg.scale)  # statistics from the (final) training split
     if task == "classification" and cfg.balance.class_weights:
         weights = balance.class_weights(splits, data.num_outputs)  # 'balanced', from train

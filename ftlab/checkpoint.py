@@ -292,8 +292,15 @@ def load_pytree(path: str | os.PathLike, target: Any = None) -> Any:
         raise FileNotFoundError(f"no checkpoint at {path}")
     ckptr = ocp.StandardCheckpointer()
     try:
-        if target is None:
-            return ckptr.restore(path)
+        if target is None:  # whatever mesh saved it: restore onto this process's first device
+            here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            tree = ckptr.metadata(path).item_metadata.tree
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                tree,
+                is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
+            )
+            return ckptr.restore(path, target)
         return ckptr.restore(path, _abstract(target))
     finally:
         ckptr.close()

@@ -1,8 +1,10 @@
-"""``ftlab train CONFIG [--workdir DIR] [--config.key=value ...]`` (also ``python -m ftlab``).
+"""``ftlab train|plan CONFIG [--workdir DIR] [--config.key=value ...]`` (also ``python -m ftlab``).
 
-The config may be given positionally or absl-style (``--config=path.py[:arg]``).
-Exit codes: 0 done, 1 training failed (non-finite loss), 2 bad config or input,
-130 interrupted (after saving a checkpoint).
+``train`` runs (or resumes) the experiment; ``plan`` compiles its train step without weights
+and prints per-device memory. The config may be given positionally or absl-style
+(``--config=path.py[:arg]``). Exit codes: 0 done (plan: fits or unknown), 1 training failed
+(non-finite loss) or the plan does not fit, 2 bad config or input, 130 interrupted (after
+saving a checkpoint).
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train (or resume) the experiment of a config file")
     t.add_argument("config_file", nargs="?", help="path/to/config.py[:arg]")
     t.add_argument("--workdir", help="output folder (default: runs/<config name>)")
+    q = sub.add_parser("plan", help="per-device memory of the config's train step, no weights")
+    q.add_argument("config_file", nargs="?", help="path/to/config.py[:arg]")
+    q.add_argument("--device-memory", help="bytes per device to check against (e.g. 80GB)")
+    q.add_argument("--devices", type=int, help="plan for this many devices (shapes only)")
     return p
 
 
@@ -50,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         if not spec:
             raise ConfigError("no config file given: ftlab train configs/NAME.py [--workdir DIR]")
         cfg = apply_overrides(load_config(spec), overrides)
+        from ftlab.parallel import runtime
+
+        runtime.setup(cfg.platform, cfg.distributed)  # before any jax computation
+        if args.command == "plan":
+            return _plan(cfg, args)
         workdir = Path(args.workdir or Path("runs") / Path(spec.split(":")[0]).stem)
         from ftlab.experiment import (
             run_experiment,
@@ -68,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         print("ftlab: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _plan(cfg, args) -> int:
+    from ftlab.parallel import plan
+
+    memory = plan.parse_bytes(args.device_memory) if args.device_memory else None
+    text, fits = plan.describe(cfg, device_memory=memory, devices=args.devices)
+    print(text)
+    return 1 if fits is False else 0
 
 
 if __name__ == "__main__":

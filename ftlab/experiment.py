@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+import jax
 import ml_collections as mc
 import numpy as np
 
@@ -84,7 +85,7 @@ def run_experiment(cfg: mc.ConfigDict, workdir: str | Path) -> dict:
         log.info("== variant %s (%s)", name, where.relative_to(workdir))
         summary = train(run, where)
         results.setdefault(name, []).append({**summary, "workdir": str(where)})
-    if results:
+    if results and jax.process_index() == 0:
         write_comparison(workdir, results, cfg.early_stopping.metric)
     return results
 

@@ -169,6 +169,16 @@ def base_config() -> mc.ConfigDict:
     c.checkpoint.keep = 2
     c.checkpoint.async_save = True
 
+    # Devices: one mesh over every device of every host. Axes: data (replicas), fsdp (weights,
+    # gradients and optimizer state split, ZeRO-3 style; also splits the batch), tensor (heads,
+    # MLP, vocabulary split). One axis may be -1: the devices left over.
+    c.platform = "auto"  # auto | cpu | gpu | tpu
+    c.distributed = (
+        "auto"  # jax.distributed.initialize(): auto (when launched as several) | on | off
+    )
+    c.mesh = mc.ConfigDict()
+    c.mesh.shape = mc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
     # Multi-run experiments: (name, {dotted.key: value}) pairs applied on top of this config.
     c.stages = ()  # run in order before the variants (e.g. pretraining), in workdir/NAME
     c.variants = ()  # compared with one another; each in workdir/NAME, table in workdir

@@ -45,7 +45,7 @@ def parse_bytes(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def device_memory() -> int | None:
+def local_device_memory() -> int | None:
     """The first local device's memory limit, when the backend reports one (GPU, TPU)."""
     stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("bytes_limit")
@@ -175,7 +175,7 @@ def plan_config(cfg, *, devices: int | None = None, compile: bool | None = None)
     from ftlab.train.loop import prepare
     from ftlab.train.step import make_train_step
 
-    data, model, method = prepare(cfg)
+    data, model, method = prepare(cfg, devices=devices)
     mesh_cfg = cfg.get("mesh")
     shape = mesh_cfg.get("shape") if mesh_cfg is not None else None
     shape = shape.to_dict() if hasattr(shape, "to_dict") else shape
@@ -188,7 +188,7 @@ def plan_config(cfg, *, devices: int | None = None, compile: bool | None = None)
     mesh = make_mesh(shape) if real else make_abstract_mesh(shape, devices)
     shard.check_batch(cfg.train.batch_size, mesh, cfg.optim.accum_steps)
 
-    variables = jax.eval_shape(model.init, jax.random.key(cfg.seed), data.train.inputs[:1])
+    variables = jax.eval_shape(model.init, jax.random.key(cfg.seed), data.train.sample_inputs())
     tx, lr = optim.optimizer(cfg.optim, max(cfg.train.num_steps, 1))
     abstract = shard.abstract_state(shard.init_state_fn(method, tx, cfg.seed), variables)
     state = shard.with_shardings(abstract, shard.state_shardings(abstract, variables, mesh))
@@ -197,3 +197,16 @@ def plan_config(cfg, *, devices: int | None = None, compile: bool | None = None)
     loss_fn = losses.per_example_loss(cfg.train.loss, cfg.train.label_smoothing)
     step = make_train_step(model, method, tx, lr, loss_fn, cfg.optim.accum_steps)
     return plan_step(step, state, batch, compile=real if compile is None else compile)
+
+
+def describe(
+    cfg, *, device_memory: int | None = None, devices: int | None = None
+) -> tuple[str, bool | None]:
+    """What ``ftlab plan`` prints, and whether the step fits (None: no memory size known).
+
+    ``device_memory`` defaults to what the local accelerator reports (when planning for it).
+    """
+    p = plan_config(cfg, devices=devices)
+    if device_memory is None and devices in (None, jax.device_count()):
+        device_memory = local_device_memory()
+    return p.table(device_memory), None if device_memory is None else p.fits(device_memory)

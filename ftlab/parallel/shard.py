@@ -230,9 +230,12 @@ def check_batch(
 
 def abstract_batch(batch: Any, sharding: NamedSharding) -> Any:
     """``ShapeDtypeStruct``s of a host batch with the batch sharding (for lowering/planning)."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding), batch
-    )
+
+    def leaf(x):
+        dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+        return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=sharding)
+
+    return jax.tree.map(leaf, batch)
 
 
 def shard_batch(batch: Any, sharding: NamedSharding, key: str = "batch") -> Any:

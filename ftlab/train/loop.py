@@ -32,6 +32,8 @@ from ftlab.eval import plots, text_metrics
 from ftlab.methods import Method, build_method
 from ftlab.methods.select import by_regexes
 from ftlab.models import build_model
+from ftlab.parallel import mesh as mesh_lib
+from ftlab.parallel import shard
 from ftlab.schema import validate
 from ftlab.train import losses, optim
 from ftlab.train.state import TrainState
@@ -122,11 +124,36 @@ def _overlay(flat: dict, saved, keep_fresh: set[str], cfg: mc.ConfigDict) -> dic
     return out
 
 
-def evaluate(eval_step, state: TrainState, split: Split, data: Dataset, batch_size: int) -> dict:
+def _place(batch: dict, sharding) -> dict:
+    """An evaluation batch (the same on every host) as global arrays split over the mesh."""
+    if sharding is None:
+        return batch
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), batch
+    )
+
+
+def _fetch(tree_: dict) -> dict:
+    """Device arrays as numpy on this host, gathered from every host when there are several."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree_, tiled=True)
+    return jax.device_get(tree_)
+
+
+def evaluate(
+    eval_step,
+    state: TrainState,
+    split: Split,
+    data: Dataset,
+    batch_size: int,
+    sharding=None,
+) -> dict:
     """Loss and task metrics over the whole split (the loss weighted as in training)."""
     outputs, loss, weights = [], [], []
     for batch in eval_batches(split, batch_size):
-        out = jax.device_get(eval_step(state, batch))
+        out = _fetch(eval_step(state, _place(batch, sharding)))
         keep = batch["weights"] > 0
         if "outputs" in out:
             outputs.append(out["outputs"][keep])
@@ -169,7 +196,8 @@ def _save_config(path: Path, cfg: mc.ConfigDict) -> None:
                 f"{', '.join(changed)}); use a new --workdir, or the same config to resume"
             )
         return
-    path.write_text(json.dumps(new, indent=2))
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(new, indent=2))
 
 
 class _EarlyStopping:
@@ -259,15 +287,16 @@ def _train_batches(
     return batches
 
 
-def prepare(cfg: mc.ConfigDict, workdir: Path | None = None) -> tuple[Dataset, nn.Module, Method]:
+def prepare(cfg: mc.ConfigDict, devices: int | None = None) -> tuple[Dataset, nn.Module, Method]:
     """Validate the config and resolve data, model and method without compiling anything.
 
     The method is resolved on parameter shapes alone (``jax.eval_shape``), so every config
     error (a bad value, a regex that matches nothing, a LoRA rank too large, a batch larger
-    than the data) comes before any compilation or any file is written.
+    than the data, a mesh or batch that does not divide ``devices``, default all) comes before
+    any compilation or any file is written.
     """
     validate(cfg)
-    data = load_dataset(cfg.data, workdir=workdir, tokenizer=cfg.model.pretrained)
+    data = load_dataset(cfg.data, tokenizer=cfg.model.pretrained)
     pipeline.steps_per_epoch(len(data.train), cfg.train.batch_size, cfg.data.last_batch)
     task_metrics = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
     if data.task == "regression":
@@ -279,6 +308,14 @@ def prepare(cfg: mc.ConfigDict, workdir: Path | None = None) -> tuple[Dataset, n
         raise ConfigError(
             f"config.early_stopping.metric: {cfg.early_stopping.metric!r} is not computed for "
             f"{data.task}; choose one of {', '.join(computed)}"
+        )
+    mesh_shape = mesh_lib.resolve_shape(cfg.mesh.shape.to_dict(), devices or jax.device_count())
+    shard.check_batch(cfg.train.batch_size, mesh_shape, cfg.optim.accum_steps)
+    shard.check_batch(cfg.train.eval_batch_size, mesh_shape, key="config.train.eval_batch_size")
+    if jax.process_count() > 1 and cfg.eval.generate_examples > 0:
+        raise ConfigError(
+            "config.eval.generate_examples: decoding runs on one process; set it to 0 for "
+            "multi-host runs and decode the exported model afterwards"
         )
     model = build_model(
         cfg.model, data.num_outputs, compute_dtype(cfg.train.compute_dtype), data.task
@@ -304,19 +341,26 @@ def train(
     params, model_state = init_variables(cfg, model, sample)
     tx, lr_schedule = optim.optimizer(cfg.optim, total_steps)
 
-    @jax.jit  # one compilation instead of one per eager op on every leaf
-    def create_state(params, model_state):
-        trainable, frozen = method.split(params, jax.random.key(cfg.seed + 1))
-        return TrainState.create(trainable, frozen, tx, cfg.seed, model_state)
-
-    state = create_state(params, model_state)
+    # One mesh over every device of every host; the state is created already sharded and
+    # the steps are jitted with in/out shardings and a donated state (SPMD, pjit semantics).
+    mesh = mesh_lib.make_mesh(cfg.mesh.shape.to_dict())
+    init = shard.init_state_fn(method, tx, cfg.seed)
+    boxed = jax.eval_shape(model.init, jax.random.key(cfg.seed), sample)
+    state_sh = shard.state_shardings(shard.abstract_state(init, boxed), boxed, mesh)
+    batch_sh = shard.batch_sharding(mesh)
+    state = jax.jit(init, out_shardings=state_sh)(params, model_state)
+    del params, model_state  # donated into the state: never read them again
+    log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
     log.info("%s", method.summary(state.trainable, state.frozen))
     loss_fn = losses.per_example_loss(cfg.train.loss, cfg.train.label_smoothing)
-    train_step = jax.jit(
+    train_step = shard.jit_train_step(
         make_train_step(model, method, tx, lr_schedule, loss_fn, cfg.optim.accum_steps),
-        donate_argnums=0,
+        state_sh,
+        batch_sh,
     )
-    eval_step = jax.jit(make_eval_step(model, method, loss_fn))
+    eval_step = shard.jit_eval_step(make_eval_step(model, method, loss_fn), state_sh, batch_sh)
+    # fake CPU devices can deadlock on a long queue of steps with collectives: wait each step
+    sync_every_step = jax.default_backend() == "cpu" and jax.device_count() > 1
 
     # Checkpoints: resume from the latest one if there is one.
     workdir.mkdir(parents=True, exist_ok=True)
@@ -361,7 +405,7 @@ def train(
         nonlocal pending, window_start, window_steps
         if not pending:
             return
-        fetched = jax.device_get([m for _, m in pending])
+        fetched = _fetch([m for _, m in pending])
         for (s, _), m in zip(pending, fetched):
             if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
                 ckpts.wait()
@@ -396,7 +440,9 @@ def train(
     with _Interrupt() as interrupt, batches:
         while step < total_steps and not stopper.stopped:
             batch = augment.augment_train_batch(cfg.data, data, nest(next(batches)), step, cfg.seed)
-            state, step_metrics = train_step(state, batch)
+            state, step_metrics = train_step(state, pipeline.global_batch(batch, batch_sh))
+            if sync_every_step:
+                jax.block_until_ready(step_metrics)
             step += 1
             window_steps += 1
             pending.append((step, step_metrics))
@@ -405,7 +451,9 @@ def train(
                 flush()
             if step % cfg.train.eval_every == 0 or step == total_steps:
                 flush()
-                val = evaluate(eval_step, state, data.val, data, cfg.train.eval_batch_size)
+                val = evaluate(
+                    eval_step, state, data.val, data, cfg.train.eval_batch_size, batch_sh
+                )
                 scalars = metrics_lib.scalars(val, "val")
                 writer.write(step, scalars)
                 if stopper.update(step, scalars[es_cfg.metric]):
@@ -445,9 +493,9 @@ def train(
             es_cfg.metric,
             stopper.best,
         )
-    val = evaluate(eval_step, state, data.val, data, cfg.train.eval_batch_size)
+    val = evaluate(eval_step, state, data.val, data, cfg.train.eval_batch_size, batch_sh)
     test = (
-        evaluate(eval_step, state, data.test, data, cfg.train.eval_batch_size)
+        evaluate(eval_step, state, data.test, data, cfg.train.eval_batch_size, batch_sh)
         if len(data.test)
         else {}
     )
@@ -488,8 +536,9 @@ def train(
         "val": val,
         "test": test,
     }
+    _save_final(cfg, workdir, data, method, state)  # every process: collective saves
     if jax.process_index() == 0:
-        _write_outputs(cfg, workdir, summary, data, method, state)
+        _write_outputs(workdir, summary, data)
     log.info("done: %s", metrics_lib.scalars(test or val))
     return summary
 
@@ -507,36 +556,48 @@ def _export(
     config = export_config(cfg.model, data.task, data.class_names)
     source = cfg.data.tokenizer or cfg.model.pretrained
     source = str(hf_import.resolve(source)) if source else None
+    writes = jax.process_index() == 0  # every process gathers; one writes
     if cfg.export.hf and not (workdir / "hf").exists():
         from ftlab.models.hf_export import export_hf
 
-        merged = jax.device_get(jax.jit(method.merged_params)(state.trainable, state.frozen))
-        model_state = jax.device_get(state.model_state) or None
-        export_hf(workdir / "hf", merged, config, model_state=model_state, source=source)
-        log.info("exported a Hugging Face model to %s", workdir / "hf")
+        merged = _fetch(jax.jit(method.merged_params)(state.trainable, state.frozen))
+        model_state = _fetch(state.model_state) or None
+        if writes:
+            export_hf(workdir / "hf", merged, config, model_state=model_state, source=source)
+            log.info("exported a Hugging Face model to %s", workdir / "hf")
     if cfg.export.peft and not (workdir / "peft_adapter").exists():
         from ftlab.methods.peft import export_method_adapter
 
-        export_method_adapter(
-            workdir / "peft_adapter",
-            method,
-            jax.device_get(state.trainable),
-            jax.device_get(state.frozen),
-            config,
-            base_model_name_or_path=cfg.model.pretrained or None,
-        )
+        trainable, frozen = _fetch(state.trainable), _fetch(state.frozen)
+        if writes:
+            export_method_adapter(
+                workdir / "peft_adapter",
+                method,
+                trainable,
+                frozen,
+                config,
+                base_model_name_or_path=cfg.model.pretrained or None,
+            )
         log.info("exported the LoRA adapter (PEFT format) to %s", workdir / "peft_adapter")
 
 
-def _write_outputs(
-    cfg: mc.ConfigDict,
-    workdir: Path,
-    summary: dict,
-    data: Dataset,
-    method: Method,
-    state: TrainState,
+def _save_final(
+    cfg: mc.ConfigDict, workdir: Path, data: Dataset, method: Method, state: TrainState
 ) -> None:
-    """summary.json, plots, and the final parameters (LoRA merged) for later stages/export."""
+    """The final parameters (LoRA merged) for later stages, and the configured exports. Every
+    process calls it: Orbax saves and the gathers of sharded arrays are collective."""
+    params_dir = workdir / "params"
+    if not params_dir.exists():
+        checkpoint.save_pytree(
+            params_dir, jax.jit(method.merged_params)(state.trainable, state.frozen)
+        )
+    if state.model_state and not (workdir / "model_state").exists():
+        checkpoint.save_pytree(workdir / "model_state", state.model_state)
+    _export(cfg, workdir, data, method, state)
+
+
+def _write_outputs(workdir: Path, summary: dict, data: Dataset) -> None:
+    """summary.json and plots (process 0)."""
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     plots.plot_history(
         read_metrics(workdir / "metrics.jsonl"),
@@ -552,11 +613,3 @@ def _write_outputs(
             workdir / "confusion_matrix.png",
             f"{workdir.name}: {split} confusion matrix",
         )
-    _export(cfg, workdir, data, method, state)
-    params_dir = workdir / "params"
-    if not params_dir.exists():
-        checkpoint.save_pytree(
-            params_dir, jax.jit(method.merged_params)(state.trainable, state.frozen)
-        )
-    if state.model_state and not (workdir / "model_state").exists():
-        checkpoint.save_pytree(workdir / "model_state", state.model_state)

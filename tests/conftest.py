@@ -1,6 +1,25 @@
-"""Shared fixtures: a tiny digits config that compiles and trains in seconds on a CPU."""
+"""Shared fixtures: a tiny digits config that compiles and trains in seconds on a CPU.
+
+The suite compiles the same small steps many times (and in subprocesses); a persistent
+compilation cache for the session (environment variables, so subprocesses share it) keeps
+it within its time budget. Cached executables are the ones XLA would build again.
+"""
 
 import logging
+import os
+import tempfile
+
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ftlab_jax_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+# a pytest plugin may have imported jax before the variables were set: set them here too
+import jax
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 import pytest
 
@@ -30,3 +49,10 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        import shutil
+
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -101,6 +101,7 @@ def test_mesh_and_two_process_runs_match_the_single_device_run(tmp_path):
         "--config.mesh.shape.fsdp=2",
         "--config.mesh.shape.tensor=2",
         "--config.mesh.shape.data=2",
+        "--config.checkpoint.every_steps=6",
     )
     peers = {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
     hosts = [

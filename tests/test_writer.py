@@ -102,3 +102,16 @@ def test_disabled_writer_creates_nothing(tmp_path):
     with MetricWriter(tmp_path, enabled=False) as w:
         w.write(1, {"train/loss": 1.0})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resuming_drops_records_past_the_checkpoint(tmp_path):
+    with MetricWriter(tmp_path) as w:
+        for step in range(1, 11):
+            w.write(step, {"train/loss": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "train/lo')  # the previous run died mid-line
+    with MetricWriter(tmp_path, resume_from=7) as w:  # its last checkpoint was step 7
+        w.write(8, {"train/loss": 80.0})
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert records[-1]["train/loss"] == 80.0

@@ -387,7 +387,7 @@ def train(
         log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
     stopper = _EarlyStopping(es_cfg, meta)
     batches = _train_batches(cfg, data, int(state.step), meta)
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_from=int(state.step))
 
     step = int(state.step)
     pending: list[tuple[int, dict]] = []

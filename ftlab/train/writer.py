@@ -1,7 +1,7 @@
 """Metric logging to a JSON-lines file (for plots/reports) and TensorBoard.
 
 The JSONL file is opened in append mode so a resumed run continues the same
-history; only process 0 of a multi-host run should write, so a disabled writer
+history (records past the checkpoint it resumes from are dropped first); only process 0 of a multi-host run should write, so a disabled writer
 is a complete no-op that creates nothing.
 """
 
@@ -25,7 +25,9 @@ TB_DIR = "tb"
 class MetricWriter:
     """Writes ``{"step": step, **metrics}`` lines to workdir/metrics.jsonl and TensorBoard."""
 
-    def __init__(self, workdir: str | Path, enabled: bool = True) -> None:
+    def __init__(
+        self, workdir: str | Path, enabled: bool = True, resume_from: int | None = None
+    ) -> None:
         self.workdir = Path(workdir)
         self.enabled = enabled
         self.path = self.workdir / METRICS_FILE
@@ -36,6 +38,8 @@ class MetricWriter:
         from tensorboardX import SummaryWriter  # lazy: disabled writers need nothing
 
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None and self.path.exists():
+            self._drop_after(resume_from)
         # If a previous run died mid-line, start on a fresh line so the
         # truncated record doesn't corrupt the first new one.
         needs_newline = False
@@ -49,6 +53,18 @@ class MetricWriter:
             self._file.write("\n")
             self._file.flush()
         self._tb = SummaryWriter(str(self.workdir / TB_DIR))
+
+    def _drop_after(self, step: int) -> None:
+        """Forget records past ``step``: a resumed run repeats those steps from its checkpoint,
+        and the history should hold each step once."""
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short when the previous run died
+        self.path.write_text("".join(kept), encoding="utf-8")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Append one JSONL record (flushed immediately) and one TB scalar per key."""

@@ -4,6 +4,7 @@ augmentation of training batches only, text tokenisation, instruction masking.""
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import tiny_config
 from sklearn.utils.class_weight import compute_class_weight
 
@@ -91,3 +92,35 @@ def test_text_classification_tokenises_with_the_configured_tokenizer():
         data.tokenizer.decode(ids[0][mask[0] == 1], skip_special_tokens=True)
         == str(data.train.text["text"][0]).lower()
     )
+
+
+def test_group_column_gives_per_group_metrics_aligned_with_the_rows(tmp_path):
+    from ftlab.train.loop import train
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(240, 3))
+    y = (x[:, 0] + 0.5 * rng.normal(size=240) > 0).astype(int)
+    rows = ["x1,x2,x3,label,group"]
+    rows += [f"{a:.5f},{b:.5f},{c:.5f},{k},g{k}" for (a, b, c), k in zip(x, y)]
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    cfg = tiny_config(
+        **{
+            "data.source": "hf",
+            "data.path": str(tmp_path / "data.csv"),
+            "data.columns": "label=label,group=group,features=*",
+            "data.classes": (),
+            "data.scale": 0.0,
+            "model.name": "mlp",
+            "train.num_steps": 10,
+            "train.eval_every": 10,
+        }
+    )
+    test = train(cfg, tmp_path / "run")["test"]
+    # group gk holds exactly the rows of class k, so its accuracy is class k's recall
+    assert set(test["by_group"]) == {"g0", "g1"}
+    for k in (0, 1):
+        group = test["by_group"][f"g{k}"]
+        assert group["accuracy"] == pytest.approx(test["recall_per_class"][k])
+        assert group["n"] == int(np.sum(np.asarray(test["confusion_matrix"])[k]))
+    accs = [g["accuracy"] for g in test["by_group"].values()]
+    assert test["group_accuracy_gap"] == pytest.approx(max(accs) - min(accs))

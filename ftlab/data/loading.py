@@ -218,6 +218,9 @@ def load_dataset(
         data = _text_classification(cfg, splits, tok, list(splits.label_names or []))
     else:
         data = splitting.to_dataset(splits, task)
+    if "group" in splits.train.columns and task != "causal_lm":  # for per-group metrics
+        for name, frame in _frames(splits).items():
+            getattr(data, name).text["group"] = frame["group"].astype(str).to_numpy(object)
     if cfg.train_per_class > 0:
         if task != "classification":
             raise ConfigError("config.data.train_per_class: only for classification data")

@@ -96,6 +96,5 @@ def evaluate_generation(
     scores["generated_examples"] = len(hypotheses)
     if out_file is not None:
         with open(out_file, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in rows)
     return scores

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-__all__ = ["classification_metrics", "regression_metrics", "scalars"]
+__all__ = ["classification_metrics", "group_metrics", "regression_metrics", "scalars"]
 
 
 def _as_1d(values: Any) -> np.ndarray:
@@ -120,3 +120,21 @@ def scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
         name = f"{prefix}/{key}" if prefix else str(key)
         out[name] = float(value)
     return out
+
+
+def group_metrics(labels: Any, preds: Any, groups: Any, num_classes: int) -> dict[str, Any]:
+    """Accuracy and macro F1 per subgroup (a ``group`` column: fairness checks), and the gap
+    between the best and the worst group's accuracy."""
+    labels, preds, groups = _as_1d(labels), _as_1d(preds), _as_1d(groups).astype(str)
+    _check_lengths("labels", labels, "groups", groups)
+    per_group: dict[str, dict[str, float]] = {}
+    for g in sorted(set(groups.tolist())):
+        keep = groups == g
+        m = classification_metrics(labels[keep], preds[keep], num_classes)
+        per_group[g] = {
+            "n": int(keep.sum()),
+            "accuracy": m["accuracy"],
+            "f1_macro": m["f1_macro"],
+        }
+    accuracies = [v["accuracy"] for v in per_group.values()]
+    return {"by_group": per_group, "group_accuracy_gap": max(accuracies) - min(accuracies)}

@@ -166,9 +166,14 @@ def evaluate(
         return result
     outputs = np.concatenate(outputs)
     if data.task == "classification":
-        result.update(
-            metrics_lib.classification_metrics(split.labels, outputs.argmax(-1), data.num_outputs)
-        )
+        preds = outputs.argmax(-1)
+        result.update(metrics_lib.classification_metrics(split.labels, preds, data.num_outputs))
+        if "group" in split.text:  # per-subgroup scores (config.data.columns: group=...)
+            result.update(
+                metrics_lib.group_metrics(
+                    split.labels, preds, split.text["group"], data.num_outputs
+                )
+            )
     else:
         result.update(
             metrics_lib.regression_metrics(

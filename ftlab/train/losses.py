@@ -36,9 +36,7 @@ def masked_lm_loss(
     return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def causal_lm_loss(
-    logits: jax.Array, batch: dict, label_smoothing: float = 0.0
-) -> jax.Array:
+def causal_lm_loss(logits: jax.Array, batch: dict, label_smoothing: float = 0.0) -> jax.Array:
     """Per-example mean next-token cross-entropy over the trained positions.
 
     ``batch["labels"]`` holds the target of each position (the next token, already shifted),

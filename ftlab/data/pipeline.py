@@ -176,9 +176,11 @@ class DataIterator:
     """Endless host-local training batches (dicts of arrays) with a checkpointable position.
 
     ``state()`` is the position of the *next* batch to be returned, whatever has been read
-    ahead, so saving it after step ``k`` and restoring gives batch ``k`` next. ``transform``
-    (e.g. ``functools.partial(global_batch, sharding=s)``) runs in a background thread so the
-    device transfer overlaps the step too. Close it (or use ``with``) to stop the threads.
+    ahead, so saving it after step ``k`` and restoring gives batch ``k`` next.
+    ``host_transform(batch, global_step)`` (augmentation: a pure function of the step) runs in
+    the reading threads; ``transform`` (e.g. ``functools.partial(global_batch, sharding=s)``)
+    runs in a background thread so the device transfer overlaps the step too. Close it (or
+    use ``with``) to stop the threads.
     """
 
     def __init__(
@@ -196,6 +198,7 @@ class DataIterator:
         start_step: int = 0,
         transform: Callable[[dict[str, np.ndarray]], Any] | None = None,
         transform_prefetch: int = 1,
+        host_transform: Callable[[dict[str, np.ndarray], int], Any] | None = None,
     ):
         self.arrays = _check_arrays(arrays)
         self.sampler = Sampler(
@@ -217,6 +220,7 @@ class DataIterator:
         self.num_threads = min(self.prefetch, 2) if num_threads is None else int(num_threads)
         self.transform = transform
         self.transform_prefetch = int(transform_prefetch)
+        self.host_transform = host_transform
         # Weights ride along when padding can occur or the data brings its own per-example ones.
         self._weights = last_batch == "pad" or "weights" in self.arrays
         self._it: grain.DatasetIterator | None = None
@@ -232,13 +236,19 @@ class DataIterator:
             batch["weights"] = (weights * own).astype(np.float32)
         return batch
 
+    def _host_batch(self, global_step: int) -> Any:
+        batch = self.batch_at(global_step)
+        if self.host_transform is None:
+            return batch
+        return self.host_transform(batch, global_step)
+
     def _seek(self, start: int) -> None:
         if start < 0:
             raise ValueError(f"start_step must be >= 0, got {start}")
         self._close_grain()
         ds = (
             grain.MapDataset.range(start, _NO_END)
-            .map(self.batch_at)
+            .map(self._host_batch)
             .to_iter_dataset(
                 grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=self.prefetch)
             )

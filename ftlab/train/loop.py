@@ -7,6 +7,7 @@ evaluation, early stopping and checkpoints -> final evaluation on val and test.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -267,16 +268,23 @@ class _Interrupt:
 
 
 def _train_batches(
-    cfg: mc.ConfigDict, data: Dataset, step: int, meta: dict
+    cfg: mc.ConfigDict, data: Dataset, step: int, meta: dict, sharding
 ) -> pipeline.DataIterator:
-    """This host's training batches from ``step`` on; a checkpoint's saved position is checked
-    against the data and batch size (the order is a pure function of the seed and step)."""
+    """This host's training batches from ``step`` on, augmented and placed on the mesh by
+    background threads; a checkpoint's saved position is checked against the data and the
+    batch size (the order is a pure function of the seed and step)."""
+
+    def host(batch: dict, k: int) -> dict:  # augmentation is a pure function of (seed, k)
+        return augment.augment_train_batch(cfg.data, data, nest(batch), k, cfg.seed)
+
     kw = {
         "global_batch_size": cfg.train.batch_size,
         "seed": cfg.seed,
         "last_batch": cfg.data.last_batch,
         "shuffle": cfg.data.shuffle,
         "prefetch": cfg.data.prefetch,
+        "host_transform": host,
+        "transform": functools.partial(pipeline.global_batch, sharding=sharding),
     }
     arrays = data.train.arrays(with_text=augment.text_options(cfg.data).active)
     batches = (
@@ -391,7 +399,7 @@ def train(
         state, meta = ckpts.restore(state)
         log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
     stopper = _EarlyStopping(es_cfg, meta)
-    batches = _train_batches(cfg, data, int(state.step), meta)
+    batches = _train_batches(cfg, data, int(state.step), meta, batch_sh)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_from=int(state.step))
 
     step = int(state.step)
@@ -444,8 +452,7 @@ def train(
 
     with _Interrupt() as interrupt, batches:
         while step < total_steps and not stopper.stopped:
-            batch = augment.augment_train_batch(cfg.data, data, nest(next(batches)), step, cfg.seed)
-            state, step_metrics = train_step(state, pipeline.global_batch(batch, batch_sh))
+            state, step_metrics = train_step(state, next(batches))
             if sync_every_step:
                 jax.block_until_ready(step_metrics)
             step += 1

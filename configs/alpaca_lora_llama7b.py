@@ -18,6 +18,7 @@ configs/data and the tiny offline tokenizer: a smoke test of the pipeline, not a
 
 from pathlib import Path
 
+from ftlab.recipes import runlocal_steps
 from ftlab.schema import base_config
 
 HERE = Path(__file__).parent
@@ -81,12 +82,5 @@ def get_config(arg=None):
         c.data.val_fraction = 0.2
         c.data.test_fraction = 0.1
         c.optim.accum_steps = 2
-        c.optim.warmup_steps = 2
-        c.optim.lr = 1e-3
-        c.train.batch_size = 8
-        c.train.num_epochs = 0
-        c.train.num_steps = 6
-        c.train.eval_every = 3
-        c.train.log_every = 3
-        c.checkpoint.every_steps = 3
+        runlocal_steps(c, batch_size=8, lr=1e-3)
     return c

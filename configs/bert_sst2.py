@@ -14,6 +14,7 @@ sample in configs/data and a tiny WordPiece tokenizer: a smoke test, not a resul
 
 from pathlib import Path
 
+from ftlab.recipes import runlocal_steps
 from ftlab.schema import base_config
 
 HERE = Path(__file__).parent
@@ -67,12 +68,5 @@ def get_config(arg=None):
         c.data.test_fraction = 0.2
         c.data.tokenizer = str(HERE / "assets" / "tiny_wordpiece")
         c.data.max_length = 16
-        c.optim.lr = 1e-3
-        c.optim.warmup_steps = 2
-        c.train.batch_size = 8
-        c.train.num_epochs = 0
-        c.train.num_steps = 6
-        c.train.eval_every = 3
-        c.train.log_every = 3
-        c.checkpoint.every_steps = 3
+        runlocal_steps(c, batch_size=8, lr=1e-3)
     return c

@@ -21,6 +21,7 @@ not a result.
 
 from pathlib import Path
 
+from ftlab.recipes import runlocal_steps
 from ftlab.schema import base_config
 
 HERE = Path(__file__).parent
@@ -88,13 +89,7 @@ def get_config(arg=None):
         c.data.tokenizer = str(HERE / "assets" / "tiny_bpe")
         c.data.max_length = 64
         c.method.partial.last_k = 1
-        c.optim.lr = 1e-3
-        c.optim.warmup_steps = 2
-        c.train.num_epochs = 0
-        c.train.num_steps = 6
-        c.train.eval_every = 3
-        c.train.log_every = 3
-        c.checkpoint.every_steps = 3
+        runlocal_steps(c, batch_size=8, lr=1e-3)
         c.eval.generate_examples = 4
         c.eval.batch_size = 4
         c.eval.max_new_tokens = 8

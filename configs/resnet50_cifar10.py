@@ -14,6 +14,7 @@ init) on scikit-learn's 8x8 digits, a smoke test of the pipeline, not a result. 
 linear probe BatchNorm statistics still update in training mode (the weights stay frozen).
 """
 
+from ftlab.recipes import cifar10_from_tfds, runlocal_digits, runlocal_steps
 from ftlab.schema import base_config
 
 
@@ -22,19 +23,8 @@ def get_config(arg=None):
     c.model.name = "hf"
     c.model.pretrained = "microsoft/resnet-50"
 
-    c.data.source = "tfds"
-    c.data.name = "cifar10"
-    c.data.data_dir = "~/tensorflow_datasets"
-    c.data.columns = "image=image,label=label"
-    c.data.splits = "train=train,test=test"
-    c.data.val_fraction = 0.02
-    c.data.test_fraction = 0.0
-    c.data.clean.image_size = (224, 224)
-    c.data.clean.normalise = "image"
-    c.data.clean.image_mean = (0.485, 0.456, 0.406)  # ImageNet statistics
-    c.data.clean.image_std = (0.229, 0.224, 0.225)
-    c.data.clean.duplicates = False
-    c.data.clean.leakage = ""
+    # ImageNet statistics
+    cifar10_from_tfds(c, 224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     c.data.augment.crop_padding = 16
     c.data.augment.flip = True
 
@@ -67,21 +57,7 @@ def get_config(arg=None):
             "layer_type": "basic",
             "num_channels": 1,
         }
-        c.data.source = "sklearn"
-        c.data.name = "digits"
-        c.data.columns = ""
-        c.data.splits = ""
-        c.data.val_fraction = 0.15
-        c.data.test_fraction = 0.15
-        c.data.clean.image_size = ()
-        c.data.clean.normalise = ""
-        c.data.scale = 1.0 / 16.0
+        runlocal_digits(c)
         c.data.augment.crop_padding = 1
-        c.optim.lr = 0.03
-        c.optim.warmup_steps = 2
-        c.train.batch_size = 32
-        c.train.num_steps = 6
-        c.train.eval_every = 3
-        c.train.log_every = 3
-        c.checkpoint.every_steps = 3
+        runlocal_steps(c, batch_size=32, lr=0.03)
     return c

@@ -15,6 +15,7 @@ reads it without TensorFlow). ``:runlocal``: a 2-layer ViT (width 32, patch 4, r
 on scikit-learn's 8x8 digits, a smoke test of the pipeline, not a result.
 """
 
+from ftlab.recipes import cifar10_from_tfds, runlocal_digits, runlocal_steps
 from ftlab.schema import base_config
 
 
@@ -23,19 +24,7 @@ def get_config(arg=None):
     c.model.name = "hf"
     c.model.pretrained = "google/vit-base-patch16-224-in21k"
 
-    c.data.source = "tfds"
-    c.data.name = "cifar10"
-    c.data.data_dir = "~/tensorflow_datasets"
-    c.data.columns = "image=image,label=label"
-    c.data.splits = "train=train,test=test"
-    c.data.val_fraction = 0.02  # 1000 training images for model selection
-    c.data.test_fraction = 0.0
-    c.data.clean.image_size = (224, 224)
-    c.data.clean.normalise = "image"
-    c.data.clean.image_mean = (0.5, 0.5, 0.5)  # ViT's preprocessor
-    c.data.clean.image_std = (0.5, 0.5, 0.5)
-    c.data.clean.duplicates = False  # CIFAR-10 has a few; keep the standard split sizes
-    c.data.clean.leakage = ""
+    cifar10_from_tfds(c, 224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # ViT's preprocessor
 
     c.optim.name = "sgd"
     c.optim.momentum = 0.9
@@ -68,20 +57,6 @@ def get_config(arg=None):
             "patch_size": 4,
             "num_channels": 1,
         }
-        c.data.source = "sklearn"
-        c.data.name = "digits"
-        c.data.columns = ""
-        c.data.splits = ""
-        c.data.val_fraction = 0.15
-        c.data.test_fraction = 0.15
-        c.data.clean.image_size = ()
-        c.data.clean.normalise = ""
-        c.data.scale = 1.0 / 16.0
-        c.optim.lr = 0.03
-        c.optim.warmup_steps = 2
-        c.train.batch_size = 32
-        c.train.num_steps = 6
-        c.train.eval_every = 3
-        c.train.log_every = 3
-        c.checkpoint.every_steps = 3
+        runlocal_digits(c)
+        runlocal_steps(c, batch_size=32, lr=0.03)
     return c

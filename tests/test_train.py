@@ -149,18 +149,33 @@ def test_early_stopping_restores_the_best_weights(tmp_path):
     assert summary["val"]["loss"] != pytest.approx(val_at[15]["val/loss"], rel=1e-6)
 
 
-def test_non_finite_loss_stops_with_last_checkpoint_intact(tmp_path):
-    rng = np.random.default_rng(0)
-    inputs = rng.normal(size=(200, 6)).astype(np.float32)
+def _npz_with_nans(tmp_path, rows: int, nan_rows, seed: int, **overrides):
+    """A tiny MLP config on random features in an .npz file, ``nan_rows`` set to NaN."""
+    rng = np.random.default_rng(seed)
+    inputs = rng.normal(size=(rows, 6)).astype(np.float32)
     labels = (inputs[:, 0] > 0).astype(np.int64)
-    inputs[150:] = np.nan  # with shuffle off, the batches from step 9 on read these rows
+    inputs[nan_rows] = np.nan
     np.savez(tmp_path / "data.npz", inputs=inputs, labels=labels)
-    cfg = tiny_config(
+    return tiny_config(
         **{
             "data.source": "npz",
             "data.path": str(tmp_path / "data.npz"),
             "data.classes": (),
             "data.scale": 1.0,
+            "model.name": "mlp",
+            **overrides,
+        }
+    )
+
+
+def test_non_finite_loss_stops_with_last_checkpoint_intact(tmp_path):
+    # with shuffle off, the batches from step 9 on read rows 150 and after
+    cfg = _npz_with_nans(
+        tmp_path,
+        200,
+        slice(150, None),
+        0,
+        **{
             "data.val_fraction": 0.1,
             "data.test_fraction": 0.1,
             "data.shuffle": False,
@@ -170,12 +185,11 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(tmp_path):
             "data.clean.missing": "",
             "data.clean.duplicates": False,
             "data.clean.leakage": "",
-            "model.name": "mlp",
             "train.num_steps": 30,
             "train.log_every": 1,
             "train.eval_every": 100,
             "checkpoint.every_steps": 4,
-        }
+        },
     )
     data = load_dataset(cfg.data)
     first_bad = int(np.argmax(np.isnan(data.train.inputs).any(axis=1))) // cfg.train.batch_size
@@ -288,21 +302,9 @@ def test_workdir_with_a_different_config_is_refused(tmp_path):
 
 
 def test_malformed_rows_are_skipped_and_listed_in_the_workdir(tmp_path):
-    rng = np.random.default_rng(1)
-    inputs = rng.normal(size=(120, 4)).astype(np.float32)
-    labels = (inputs[:, 0] > 0).astype(np.int64)
-    inputs[[3, 50, 90]] = np.nan  # three malformed rows (non-finite features)
-    np.savez(tmp_path / "data.npz", inputs=inputs, labels=labels)
-    cfg = tiny_config(
-        **{
-            "data.source": "npz",
-            "data.path": str(tmp_path / "data.npz"),
-            "data.classes": (),
-            "data.scale": 1.0,
-            "model.name": "mlp",
-            "train.num_steps": 4,
-            "train.eval_every": 4,
-        }
+    # three malformed rows (non-finite features)
+    cfg = _npz_with_nans(
+        tmp_path, 120, [3, 50, 90], 1, **{"train.num_steps": 4, "train.eval_every": 4}
     )
     summary = train(cfg, tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "rejects.jsonl").open()]

@@ -48,7 +48,11 @@ def alpaca_rows(rng: random.Random) -> list[dict]:
         )
     for word in ["cat", "house", "river", "green", "music", "light", "stone", "apple"]:
         rows.append(
-            {"instruction": f"Spell the word '{word}' backwards.", "input": "", "output": word[::-1]}
+            {
+                "instruction": f"Spell the word '{word}' backwards.",
+                "input": "",
+                "output": word[::-1],
+            }
         )
         rows.append(
             {

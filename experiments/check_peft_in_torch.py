@@ -63,9 +63,9 @@ def export(workdir: pathlib.Path) -> None:
     import optax
 
     from ftlab.methods import build_method
+    from ftlab.methods.peft import export_method_adapter
     from ftlab.models.hf_export import export_hf
     from ftlab.models.hf_import import load_pretrained
-    from ftlab.methods.peft import export_method_adapter
     from ftlab.schema import base_config
 
     workdir.mkdir(parents=True, exist_ok=True)

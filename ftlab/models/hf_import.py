@@ -547,14 +547,25 @@ def load_pretrained(
         archs = [family.head_of(a) for a in hf_config.get("architectures") or ()]
         head = next((h for h in archs if h), family.default_head)
     model = family.build(config, head=head, dtype=dtype, param_dtype=param_dtype, remat=remat)
-    inputs = family.example_inputs()
-    expected = tree.flatten(nn.meta.unbox(abstract_variables(model, inputs)))
-    leaves, fresh, notes = convert_tensors(
-        family,
-        _read_files(files),
-        expected,
-        param_dtype=param_dtype,
+    variables, notes = model_variables(
+        family, model, family.example_inputs(), _read_files(files), rng, param_dtype=param_dtype
     )
+    return Pretrained(model, variables, config, hf_config, directory, notes)
+
+
+def model_variables(
+    family: Family,
+    model: nn.Module,
+    inputs: Any,
+    tensors: Iterator[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
+    rng: jax.Array | None = None,
+    *,
+    param_dtype: Any = jnp.float32,
+) -> tuple[dict[str, Any], list[str]]:
+    """``model``'s variables from checkpoint ``tensors``; leaves the family may lack (a new
+    head) are initialised from ``rng``. Returns (variables, notes)."""
+    expected = tree.flatten(nn.meta.unbox(abstract_variables(model, inputs)))
+    leaves, fresh, notes = convert_tensors(family, tensors, expected, param_dtype=param_dtype)
     variables = {path: jnp.asarray(value) for path, value in leaves.items()}
     if fresh:
         rng = jax.random.key(0) if rng is None else rng
@@ -564,4 +575,4 @@ def load_pretrained(
             return {p: flat[p] for p in fresh}
 
         variables.update(jax.jit(init_fresh)(rng))
-    return Pretrained(model, tree.unflatten(variables), config, hf_config, directory, notes)
+    return tree.unflatten(variables), notes

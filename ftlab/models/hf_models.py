@@ -91,18 +91,12 @@ def load_hf_variables(
     directory = hf_import.resolve(cfg.pretrained)
     if model_type in DECODERS:
         family = hf_import.get_family(model_type)
-        expected = _flat_shapes(model, sample)
-        leaves, fresh, notes = hf_import.convert_tensors(
-            family, hf_import.iter_tensors(directory), expected
-        )
-        variables = {p: jnp.asarray(v) for p, v in leaves.items()}
-        if fresh:
-            variables.update(_fresh(model, sample, rng, fresh))
-        return tree.unflatten(variables), notes
+        tensors = hf_import.iter_tensors(directory)
+        return hf_import.model_variables(family, model, sample, tensors, rng)
     from ftlab.models.hf_import_encoders import convert_state_dict
 
     tensors = dict(hf_import.iter_tensors(directory))
-    expected = _flat_shapes(model, sample)
+    expected = tree.flatten(nn.meta.unbox(hf_import.abstract_variables(model, sample)))
     # a checkpoint head for other classes (ImageNet's 1000) is dropped; the new one stays fresh
     new_head = sorted(
         tuple(s.shape) for p, s in expected.items() if p.startswith("params/classifier/")
@@ -110,31 +104,21 @@ def load_hf_variables(
     old_head = sorted(
         tuple(np.shape(v))[::-1] for k, v in tensors.items() if re.match(_HEADS[model_type], k)
     )
-    drop_head = (_HEADS[model_type],) if old_head and old_head != new_head else ()
+    drop_head = bool(old_head) and old_head != new_head
+    if drop_head:
+        tensors = {k: v for k, v in tensors.items() if not re.match(_HEADS[model_type], k)}
     variables = convert_state_dict(
         model,
         tensors,
         num_channels=config.get("num_channels", 3),
         allow_missing=(r"^classifier/",),
-        ignore_unexpected=(r"^cls\.", *drop_head),  # BERT's pre-training heads
+        ignore_unexpected=(r"^cls\.",),  # BERT's pre-training heads
         rng=rng,
     )
     notes = (
         [f"dropped the checkpoint's head {old_head} for a new one {new_head}"] if drop_head else []
     )
     return variables, notes
-
-
-def _flat_shapes(model: nn.Module, sample: Any) -> dict[str, Any]:
-    return tree.flatten(nn.meta.unbox(hf_import.abstract_variables(model, sample)))
-
-
-def _fresh(model: nn.Module, sample: Any, rng: jax.Array, paths: list[str]) -> dict:
-    def init(key):  # under jit, leaves not returned are never computed
-        flat = tree.flatten(nn.meta.unbox(model.init(key, sample)))
-        return {p: flat[p] for p in paths}
-
-    return jax.jit(init)(rng)
 
 
 _ARCHITECTURES = {

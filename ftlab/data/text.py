@@ -433,6 +433,20 @@ def _strip_trailing_specials(with_sp: list[int], plain: list[int], bos: int | No
     return with_sp
 
 
+def encode_formatted(
+    tokenizer: Any, texts: Sequence[str], template: PromptTemplate | str
+) -> list[list[int]]:
+    """Token ids of template-formatted texts: a leading bos kept, specials appended after the
+    text (eos, sep) dropped; chat templates write their own specials into the text. Training
+    prompts and the prompts decoded at evaluation are tokenised by this one function."""
+    plain = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    if template == CHAT:
+        return [list(p) for p in plain]
+    with_sp = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [_strip_trailing_specials(list(a), list(b), bos) for a, b in zip(with_sp, plain)]
+
+
 def encode_instructions(
     tokenizer: Any,
     records: Sequence[Mapping[str, Any]],
@@ -454,20 +468,11 @@ def encode_instructions(
     pairs = [instruction_texts(r, template, tokenizer, i) for i, r in enumerate(records)]
     prompts = [p for p, _ in pairs]
     fulls = [p + r for p, r in pairs]
-    special = template != CHAT  # chat templates write their own bos into the text
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
         raise ConfigError(f"{TOKENIZER_KEY}: the tokenizer has no eos token to end responses with")
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        plain = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        if not special:
-            return plain
-        with_sp = tokenizer(texts, add_special_tokens=True)["input_ids"]
-        bos = tokenizer.bos_token_id
-        return [_strip_trailing_specials(list(a), list(b), bos) for a, b in zip(with_sp, plain)]
-
-    prompt_ids, full_ids = encode(prompts), encode(fulls)
+    prompt_ids = encode_formatted(tokenizer, prompts, template)
+    full_ids = encode_formatted(tokenizer, fulls, template)
     merged = [i for i, (p, f) in enumerate(zip(prompt_ids, full_ids)) if f[: len(p)] != p]
     alone = (
         tokenizer([pairs[i][1] for i in merged], add_special_tokens=False)["input_ids"]

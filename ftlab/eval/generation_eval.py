@@ -33,13 +33,9 @@ def grouped_prompts(split: Split, limit: int) -> list[tuple[dict[str, str], list
 
 
 def prompt_ids(tokenizer: Any, template: Any, record: dict[str, str]) -> list[int]:
-    """The prompt's tokens as ``encode_instructions`` makes them (bos kept, no eos)."""
+    """The prompt's tokens exactly as training tokenised them (bos kept, no eos)."""
     prompt, _ = text_lib.instruction_texts({**record, "output": "x"}, template, tokenizer)
-    plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if template == text_lib.CHAT:
-        return list(plain)
-    with_sp = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    return text_lib._strip_trailing_specials(list(with_sp), list(plain), tokenizer.bos_token_id)
+    return text_lib.encode_formatted(tokenizer, [prompt], template)[0]
 
 
 def evaluate_generation(

@@ -24,7 +24,6 @@ found in the original file. Class names known to the source (HF ``ClassLabel``, 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import pandas as pd
 
 from ftlab.config import ConfigError
 from ftlab.data.frames import CANONICAL, FEATURE_PREFIX, decode_image, spec_get
+from ftlab.models.hf_import import hub_offline
 
 SOURCES = ("hf", "tfds", "arrays", "sklearn", "npz")
 HF_FORMATS = ("csv", "json", "parquet", "imagefolder", "disk")
@@ -140,14 +140,6 @@ def _select_splits(tables: dict[str, Any], splits: Mapping[str, str], where: str
 # -- Hugging Face datasets ---------------------------------------------------------------------
 
 
-def hub_offline() -> bool:
-    """True when the environment forbids Hub access (checked at call time, not import time)."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-            return True
-    return False
-
-
 def _offline_message(name: str, why: str) -> str:
     return (
         f"config.data.name: {name!r} is a Hugging Face Hub dataset, but {why}. Load it on a "
@@ -249,7 +241,7 @@ def _hf_tables(spec: Any) -> dict[str, pd.DataFrame]:
 def _hub_tables(name: str, subset: str | None, cache_dir: str | None) -> dict[str, pd.DataFrame]:
     import datasets
 
-    if hub_offline():
+    if hub_offline("HF_DATASETS_OFFLINE"):
         raise HubOfflineError(_offline_message(name, "this machine is offline (HF_HUB_OFFLINE)"))
     try:
         loaded = datasets.load_dataset(name, subset, cache_dir=cache_dir)

@@ -38,20 +38,6 @@ class TokenizerOfflineError(ConfigError):
 # -- loading ----------------------------------------------------------------------------------
 
 
-def _offline() -> bool:
-    """Offline mode as the user set it now (huggingface_hub reads its env var only at import)."""
-    truthy = {"1", "on", "yes", "true"}
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in truthy:
-            return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:  # pragma: no cover - transformers depends on it
-        return True
-
-
 def _offline_message(name: str, reason: str) -> str:
     return (
         f"{TOKENIZER_KEY}: {name!r} is not a local directory, so it was taken as a Hugging Face "
@@ -71,7 +57,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = No
     """
     from transformers import AutoTokenizer
 
-    from ftlab.models.hf_import import looks_like_hub_id
+    from ftlab.models.hf_import import hub_offline, looks_like_hub_id
 
     text = os.fspath(name_or_path)
     if not text:
@@ -94,7 +80,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = No
     elif not looks_like_hub_id(text):
         raise ConfigError(f"{TOKENIZER_KEY}: tokenizer directory {text!r} does not exist")
     else:
-        offline = _offline()
+        offline = hub_offline("TRANSFORMERS_OFFLINE")
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 text, revision=revision, local_files_only=offline

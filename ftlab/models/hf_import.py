@@ -273,6 +273,22 @@ _HUB_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json")
 _PICKLE_PATTERNS = ("pytorch_model.bin", "pytorch_model*.bin", "pytorch_model.bin.index.json")
 
 
+def hub_offline(*also: str) -> bool:
+    """Whether Hub access is switched off now: ``HF_HUB_OFFLINE`` or any of ``also``
+    (``HF_DATASETS_OFFLINE``, ``TRANSFORMERS_OFFLINE``), read at call time because
+    huggingface_hub reads its variable only when imported."""
+    truthy = {"1", "on", "yes", "true"}
+    for var in ("HF_HUB_OFFLINE", *also):
+        if os.environ.get(var, "").strip().lower() in truthy:
+            return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return True
+
+
 def looks_like_hub_id(name: str) -> bool:
     """``gpt2`` or ``owner/name`` (not a path such as ``./x``, ``/x``, ``~/x`` or ``a/b/c``)."""
     return bool(_HUB_ID.fullmatch(name)) and ".." not in name

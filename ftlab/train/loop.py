@@ -7,6 +7,7 @@ evaluation, early stopping and checkpoints -> final evaluation on val and test.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -15,6 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -300,7 +302,9 @@ def _train_batches(
     return batches
 
 
-def prepare(cfg: mc.ConfigDict, devices: int | None = None) -> tuple[Dataset, nn.Module, Method]:
+def prepare(
+    cfg: mc.ConfigDict, devices: int | None = None, data: Dataset | None = None
+) -> tuple[Dataset, nn.Module, Method]:
     """Validate the config and resolve data, model and method without compiling anything.
 
     The method is resolved on parameter shapes alone (``jax.eval_shape``), so every config
@@ -309,7 +313,8 @@ def prepare(cfg: mc.ConfigDict, devices: int | None = None) -> tuple[Dataset, nn
     any compilation or any file is written.
     """
     validate(cfg)
-    data = load_dataset(cfg.data, tokenizer=cfg.model.pretrained)
+    if data is None:
+        data = load_dataset(cfg.data, tokenizer=cfg.model.pretrained)
     pipeline.steps_per_epoch(len(data.train), cfg.train.batch_size, cfg.data.last_batch)
     task_metrics = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
     if data.task == "regression":
@@ -337,17 +342,45 @@ def prepare(cfg: mc.ConfigDict, devices: int | None = None) -> tuple[Dataset, nn
     return data, model, build_method(cfg.method, nn.meta.unbox(shapes["params"]))
 
 
-def train(
-    cfg: mc.ConfigDict,
-    workdir: str | Path,
-    *,
-    on_step: Callable[[int], None] | None = None,
-) -> dict:
-    """Run (or resume) the experiment described by ``cfg`` in ``workdir``; returns the summary."""
-    start_time = time.time()
+@dataclasses.dataclass
+class Run:
+    """Everything a run computes with, built from its config: data, model, method, the mesh,
+    the sharded initial state and the jitted steps. ``train`` drives it; ``ftlab eval``,
+    ``predict`` and ``export`` rebuild it to restore a saved checkpoint into ``state``."""
+
+    cfg: mc.ConfigDict
+    data: Dataset
+    model: nn.Module
+    method: Method
+    mesh: jax.sharding.Mesh
+    state: TrainState
+    state_sharding: Any
+    batch_sharding: Any
+    train_step: Callable
+    eval_step: Callable
+    lr_schedule: Callable
+    total_steps: int
+
+    def evaluate(self, split: Split) -> dict:
+        """Loss and task metrics of ``self.state`` over a whole split."""
+        return evaluate(
+            self.eval_step,
+            self.state,
+            split,
+            self.data,
+            self.cfg.train.eval_batch_size,
+            self.batch_sharding,
+        )
+
+
+def build(cfg: mc.ConfigDict, data: Dataset | None = None) -> Run:
+    """Data, model, method, optimiser and the sharded initial state of ``cfg``'s run.
+
+    ``data`` reuses splits already loaded for the same ``config.data`` (a sweep loads each
+    distinct data config once).
+    """
     use_fast_cpu_rng()
-    workdir = Path(workdir)
-    data, model, method = prepare(cfg)
+    data, model, method = prepare(cfg, data=data)
     per_epoch = pipeline.steps_per_epoch(len(data.train), cfg.train.batch_size, cfg.data.last_batch)
     total_steps = cfg.train.num_steps or cfg.train.num_epochs * per_epoch
     sample = data.train.sample_inputs()
@@ -363,8 +396,6 @@ def train(
     batch_sh = shard.batch_sharding(mesh)
     state = jax.jit(init, out_shardings=state_sh)(params, model_state)
     del params, model_state  # donated into the state: never read them again
-    log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
-    log.info("%s", method.summary(state.trainable, state.frozen))
     loss_fn = losses.per_example_loss(cfg.train.loss, cfg.train.label_smoothing)
     train_step = shard.jit_train_step(
         make_train_step(model, method, tx, lr_schedule, loss_fn, cfg.optim.accum_steps),
@@ -372,6 +403,38 @@ def train(
         batch_sh,
     )
     eval_step = shard.jit_eval_step(make_eval_step(model, method, loss_fn), state_sh, batch_sh)
+    return Run(
+        cfg,
+        data,
+        model,
+        method,
+        mesh,
+        state,
+        state_sh,
+        batch_sh,
+        train_step,
+        eval_step,
+        lr_schedule,
+        total_steps,
+    )
+
+
+def train(
+    cfg: mc.ConfigDict,
+    workdir: str | Path,
+    *,
+    on_step: Callable[[int], None] | None = None,
+    data: Dataset | None = None,
+) -> dict:
+    """Run (or resume) the experiment described by ``cfg`` in ``workdir``; returns the summary."""
+    start_time = time.time()
+    workdir = Path(workdir)
+    run = build(cfg, data)
+    data, model, method, state = run.data, run.model, run.method, run.state
+    train_step, eval_step, batch_sh = run.train_step, run.eval_step, run.batch_sharding
+    total_steps = run.total_steps
+    log.info("mesh %s over %d devices", dict(run.mesh.shape), run.mesh.size)
+    log.info("%s", method.summary(state.trainable, state.frozen))
     # fake CPU devices can deadlock on a long queue of steps with collectives: wait each step
     sync_every_step = jax.default_backend() == "cpu" and jax.device_count() > 1
 

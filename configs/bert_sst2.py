@@ -18,6 +18,7 @@ from ftlab.recipes import runlocal_steps
 from ftlab.schema import base_config
 
 HERE = Path(__file__).parent
+ARGS = ("runlocal",)  # what get_config(arg) accepts
 
 
 def get_config(arg=None):

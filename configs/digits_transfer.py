@@ -18,6 +18,7 @@ training from scratch. README reports what a run gave.
 
 from ftlab.schema import base_config
 
+ARGS = ("runlocal",)  # what get_config(arg) accepts
 PRETRAINED = {"init.checkpoint": "stage:pretrain", "init.reinit": ("head/",)}
 PROBE = {"method.name": "frozen", "method.trainable": ("head/",), "optim.lr": 3e-2}
 

@@ -25,6 +25,7 @@ from ftlab.recipes import runlocal_steps
 from ftlab.schema import base_config
 
 HERE = Path(__file__).parent
+ARGS = ("lora", "full", "top2", "runlocal")  # get_config(arg): comma-separated
 
 
 def get_config(arg=None):

@@ -17,6 +17,8 @@ linear probe BatchNorm statistics still update in training mode (the weights sta
 from ftlab.recipes import cifar10_from_tfds, runlocal_digits, runlocal_steps
 from ftlab.schema import base_config
 
+ARGS = ("runlocal",)  # what get_config(arg) accepts
+
 
 def get_config(arg=None):
     c = base_config()

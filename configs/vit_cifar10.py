@@ -18,6 +18,8 @@ on scikit-learn's 8x8 digits, a smoke test of the pipeline, not a result.
 from ftlab.recipes import cifar10_from_tfds, runlocal_digits, runlocal_steps
 from ftlab.schema import base_config
 
+ARGS = ("runlocal",)  # what get_config(arg) accepts
+
 
 def get_config(arg=None):
     c = base_config()

@@ -1,32 +1,198 @@
-"""``ftlab train|plan CONFIG [--workdir DIR] [--config.key=value ...]`` (also ``python -m ftlab``).
+"""``ftlab COMMAND ...`` (also ``python -m ftlab``): fine-tuning runs from config files.
 
-``train`` runs (or resumes) the experiment; ``plan`` compiles its train step without weights
-and prints per-device memory. The config may be given positionally or absl-style
-(``--config=path.py[:arg]``). Exit codes: 0 done (plan: fits or unknown), 1 training failed
-(non-finite loss) or the plan does not fit, 2 bad config or input, 130 interrupted (after
-saving a checkpoint).
+Commands taking a config file (``path/to/config.py[:arg]``, positionally or absl-style as
+``--config=path.py[:arg]``, with ``--config.key=value`` overrides):
+
+- ``train CONFIG [--workdir DIR]``: run (or resume) the config's experiment;
+- ``sweep CONFIG [--workdir DIR]``: the same for a config that declares stages, variants or a
+  sweep (refused for a single-run config);
+- ``list CONFIG``: the runs the config would make, without running anything;
+- ``plan CONFIG``: compile the train step without weights and print per-device memory.
+
+Commands taking a finished run's directory (its ``config.json`` and ``checkpoints/``):
+
+- ``eval RUN_DIR [--split val|test|FILE] [--checkpoint best|last|STEP]``: metrics as JSON on
+  stdout and in a new file ``RUN_DIR/eval/<split>_<checkpoint>.json``;
+- ``predict RUN_DIR --input FILE|DIR [--output FILE]``: class probabilities, values or
+  generated text per input row (jsonl, or csv for an ``--output`` ending in .csv);
+- ``export RUN_DIR [--hf DIR] [--peft DIR]``: a Hugging Face model directory (LoRA merged)
+  and / or the LoRA adapter in PEFT's format;
+- ``compare RUN_DIR RUN_DIR ... [--out DIR] [--baseline NAME]``: a comparison table.
+
+Exit codes: 0 done (plan: fits or unknown), 1 training failed (non-finite loss) or the plan
+does not fit, 2 bad config or input (one line ``ftlab: ...`` naming it, before any work is
+done or any file written), 130 interrupted (after saving a checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
-from ftlab.config import ConfigError, apply_overrides, load_config, split_config_args
+from ftlab.config import ConfigError, apply_overrides, config_name, load_config, split_config_args
+
+CONFIG_ARG = (
+    "path/to/config.py[:arg]: a config file; ':arg' is passed to its get_config (the file's "
+    "ARGS lists what it accepts; several comma-separated, e.g. gpt2_e2e.py:lora,runlocal). "
+    "Also accepted absl-style: --config=path/to/config.py[:arg]"
+)
+CONFIG_EPILOG = """\
+config overrides:
+  --config.KEY=VALUE    set any key of the config (typed by its current value), e.g.
+                        --config.optim.lr=3e-4 --config.train.num_steps=100
+                        --config.method.lora.targets="('attn/q_proj/kernel',)";
+                        an unknown key is an error naming the nearest valid one.
+                        Every key, its default and meaning: ftlab/schema.py
+"""
+RUN_EPILOG = """\
+config overrides:
+  --config.KEY=VALUE    change a key of the run's saved config (config.json) for this
+                        command only, e.g. --config.data.path=NEW/PLACE/train.csv when the
+                        data moved, or --config.train.eval_batch_size=64. A key that changes
+                        the model or method makes the checkpoint unusable.
+"""
+CHECKPOINT_HELP = (
+    "best, last or a step number (default: what the run's final evaluation used: the best "
+    "checkpoint when early_stopping.restore_best and there is one, else the last)"
+)
+
+
+class UsageError(ConfigError):
+    """A malformed command line (argparse's complaint, as one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        prog = self.prog.removeprefix("ftlab").strip()
+        where = f"{prog}: " if prog else ""
+        raise UsageError(f"{where}{message} (see {self.prog} --help)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ftlab", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train (or resume) the experiment of a config file")
-    t.add_argument("config_file", nargs="?", help="path/to/config.py[:arg]")
-    t.add_argument("--workdir", help="output folder (default: runs/<config name>)")
-    q = sub.add_parser("plan", help="per-device memory of the config's train step, no weights")
-    q.add_argument("config_file", nargs="?", help="path/to/config.py[:arg]")
+    p = _Parser(
+        prog="ftlab",
+        description=__doc__.split("\n\n", 1)[1].split("\n\nExit codes")[0],
+        epilog="Exit codes: 0 done, 1 training failed / plan does not fit, 2 bad config or "
+        "input, 130 interrupted. `ftlab COMMAND --help` for each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, description: str, epilog: str = CONFIG_EPILOG):
+        return sub.add_parser(
+            name,
+            help=help,
+            description=description,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    t = command(
+        "train",
+        "train (or resume) the experiment of a config file",
+        "Train the config's run, or its stages then variants; rerunning the same command "
+        "resumes from the latest checkpoint.",
+    )
+    t.add_argument("config_file", nargs="?", metavar="CONFIG", help=CONFIG_ARG)
+    t.add_argument(
+        "--workdir",
+        help="output folder (default: runs/<config name>, or runs/<name>-<arg> for a config "
+        "argument, its commas made dashes: runs/gpt2_e2e-lora-runlocal)",
+    )
+    s = command(
+        "sweep",
+        "run every stage, variant and sweep point of a config",
+        "Run a multi-run config (stages, variants, a sweep) and write its comparison; "
+        "reruns resume. A config without any of them is refused: use `ftlab train`.",
+    )
+    s.add_argument("config_file", nargs="?", metavar="CONFIG", help=CONFIG_ARG)
+    s.add_argument("--workdir", help="output folder (default: as for train)")
+    ls = command(
+        "list",
+        "list the runs a config would make (nothing runs)",
+        "Print the stages, variants (and seeds) a config declares, with their overrides.",
+    )
+    ls.add_argument("config_file", nargs="?", metavar="CONFIG", help=CONFIG_ARG)
+    q = command(
+        "plan",
+        "per-device memory of the config's train step, no weights",
+        "Compile the config's train step on abstract shapes and print per-device memory.",
+    )
+    q.add_argument("config_file", nargs="?", metavar="CONFIG", help=CONFIG_ARG)
     q.add_argument("--device-memory", help="bytes per device to check against (e.g. 80GB)")
     q.add_argument("--devices", type=int, help="plan for this many devices (shapes only)")
+
+    e = command(
+        "eval",
+        "evaluate a run's checkpoint on val, test or a file",
+        "Rebuild the run from RUN_DIR/config.json, restore a checkpoint and evaluate it. "
+        "Prints the metrics as JSON and writes them to a new file "
+        "RUN_DIR/eval/<split>_<checkpoint>.json (never overwriting one). The best checkpoint "
+        "on test reproduces summary.json's test metrics.",
+        RUN_EPILOG,
+    )
+    e.add_argument("run_dir", metavar="RUN_DIR", help="a run's directory (holds config.json)")
+    e.add_argument(
+        "--split",
+        default="test",
+        metavar="val|test|FILE",
+        help="the run's val or test split (default test), or a csv / jsonl / parquet file "
+        "(or image folder) with the run's input and label columns, prepared by the run's own "
+        "data pipeline (training statistics, label map, tokenizer)",
+    )
+    e.add_argument("--checkpoint", metavar="best|last|STEP", help=CHECKPOINT_HELP)
+
+    pr = command(
+        "predict",
+        "predictions of a run for new rows",
+        "Per input row: the predicted class and each class's probability (classification), "
+        "the value in the target's original units (regression), or the text generated with "
+        "the run's decoding settings (config.eval: num_beams, max_new_tokens, ...) for a "
+        "causal LM. Rows go through the run's data pipeline; a row it rejects is logged and "
+        "left out (each output row names its input row).",
+        RUN_EPILOG,
+    )
+    pr.add_argument("run_dir", metavar="RUN_DIR", help="a run's directory (holds config.json)")
+    pr.add_argument(
+        "--input",
+        required=True,
+        metavar="FILE|DIR",
+        help="csv / jsonl / parquet with the run's input columns (source names as in its data, "
+        "or ftlab's: text, prompt, context, image, ...), or a folder of images",
+    )
+    pr.add_argument(
+        "--output",
+        metavar="FILE",
+        help="write here (jsonl; csv if it ends in .csv; must not exist) instead of stdout",
+    )
+    pr.add_argument("--checkpoint", metavar="best|last|STEP", help=CHECKPOINT_HELP)
+
+    x = command(
+        "export",
+        "export a run as a Hugging Face model and / or PEFT adapter",
+        "Write the run's model (LoRA merged) as a Hugging Face directory that transformers "
+        "loads, with the tokenizer files, and / or its LoRA adapter in PEFT's format. A "
+        "target that exists and is not an empty directory is refused.",
+        RUN_EPILOG,
+    )
+    x.add_argument("run_dir", metavar="RUN_DIR", help="a run's directory (holds config.json)")
+    x.add_argument("--hf", metavar="DIR", help="Hugging Face model directory to write")
+    x.add_argument("--peft", metavar="DIR", help="PEFT adapter directory to write (LoRA runs)")
+    x.add_argument("--checkpoint", metavar="best|last|STEP", help=CHECKPOINT_HELP)
+
+    c = command(
+        "compare",
+        "compare finished runs of one task",
+        "A table of the runs' test metrics, parameters and costs, against a baseline run. "
+        "Runs of different tasks cannot be compared.",
+        "",
+    )
+    c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories")
+    c.add_argument("--out", metavar="DIR", help="also write the comparison files here")
+    c.add_argument("--baseline", metavar="NAME", help="the run the others are compared with")
     return p
 
 
@@ -49,45 +215,293 @@ def main(argv: list[str] | None = None) -> int:
     log = _setup_logging()
     try:
         spec, overrides, rest = split_config_args(argv)
-        args = _parser().parse_args(rest)
-        if args.config_file and spec:
-            raise ConfigError("give the config either positionally or as --config=..., not both")
-        spec = spec or args.config_file
-        if not spec:
-            raise ConfigError("no config file given: ftlab train configs/NAME.py [--workdir DIR]")
-        cfg = apply_overrides(load_config(spec), overrides)
-        from ftlab.parallel import runtime
-
-        runtime.setup(cfg.platform, cfg.distributed)  # before any jax computation
-        if args.command == "plan":
-            return _plan(cfg, args)
-        workdir = Path(args.workdir or Path("runs") / Path(spec.split(":")[0]).stem)
-        from ftlab.experiment import (
-            run_experiment,
-        )  # heavy imports after the cheap checks
-        from ftlab.train.loop import NonFiniteLossError
-
         try:
-            run_experiment(cfg, workdir)
-        except NonFiniteLossError as e:
-            log.error("%s", e)
-            return 1
+            args = _parser().parse_args(rest)
+        except SystemExit as e:  # --help
+            return int(e.code or 0)
+        return COMMANDS[args.command](args, spec, overrides, log)
     except ConfigError as e:
-        print(f"ftlab: config error: {e}", file=sys.stderr)
+        from ftlab.saved_run import InputError
+
+        kind = "" if isinstance(e, (InputError, UsageError)) else "config error: "
+        print(f"ftlab: {kind}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ftlab: interrupted", file=sys.stderr)
         return 130
+
+
+# -- commands taking a config ------------------------------------------------------------------
+
+
+def _config(args, spec: str | None, overrides) -> tuple[str, object]:
+    if args.config_file and spec:
+        raise ConfigError("give the config either positionally or as --config=..., not both")
+    spec = spec or args.config_file
+    if not spec:
+        raise ConfigError(
+            f"no config file given: ftlab {args.command} configs/NAME.py[:arg] (see --help)"
+        )
+    cfg = apply_overrides(load_config(spec), overrides)
+    from ftlab.parallel import runtime
+
+    runtime.setup(cfg.platform, cfg.distributed)  # before any jax computation
+    return spec, cfg
+
+
+def default_workdir(spec: str) -> Path:
+    """``runs/<stem>``, or ``runs/<stem>-<arg>`` (commas made dashes) for a config argument."""
+    return Path("runs") / config_name(spec)
+
+
+def _train(args, spec, overrides, log) -> int:
+    spec, cfg = _config(args, spec, overrides)
+    if args.command == "sweep" and not (cfg.stages or cfg.variants or cfg.get("sweep")):
+        raise ConfigError(
+            f"{spec} declares no stages, variants or sweep: nothing to sweep; "
+            "`ftlab train` runs a single config"
+        )
+    workdir = Path(args.workdir) if args.workdir else default_workdir(spec)
+    from ftlab.experiment import run_experiment  # heavy imports after the cheap checks
+    from ftlab.train.loop import NonFiniteLossError
+
+    try:
+        run_experiment(cfg, workdir)
+    except NonFiniteLossError as e:
+        log.error("%s", e)
+        return 1
     return 0
 
 
-def _plan(cfg, args) -> int:
+def _list(args, spec, overrides, log) -> int:
+    spec, cfg = _config(args, spec, overrides)
+    from ftlab import experiment
+
+    describe = getattr(experiment, "describe", None)
+    print(describe(cfg) if describe is not None else _describe(cfg, spec))
+    return 0
+
+
+def _describe(cfg, spec: str) -> str:
+    """Stages and variants (with their overrides and seeds), when ``experiment`` has no
+    ``describe`` of its own."""
+    lines = [f"{spec}: task data {cfg.data.source}:{cfg.data.name or cfg.data.path}"]
+    if not cfg.stages and not cfg.variants:
+        lines.append(f"one run: method {cfg.method.name}, model {cfg.model.name}")
+    for kind, items in (("stage", cfg.stages), ("variant", cfg.variants)):
+        for name, changes in items:
+            shown = ", ".join(f"{k}={v!r}" for k, v in dict(changes).items()) or "(the base)"
+            lines.append(f"{kind} {name}: {shown}")
+    if cfg.variant_seeds:
+        lines.append(f"each variant over seeds {list(cfg.variant_seeds)}")
+    return "\n".join(lines)
+
+
+def _plan(args, spec, overrides, log) -> int:
+    spec, cfg = _config(args, spec, overrides)
     from ftlab.parallel import plan
 
     memory = plan.parse_bytes(args.device_memory) if args.device_memory else None
     text, fits = plan.describe(cfg, device_memory=memory, devices=args.devices)
     print(text)
     return 1 if fits is False else 0
+
+
+# -- commands taking a run directory -------------------------------------------------------------
+
+
+def _run(args, spec, overrides):
+    """The run directory's config (with overrides) and chosen checkpoint: every check on them
+    before anything is built."""
+    from ftlab import saved_run
+
+    if spec:
+        raise ConfigError(
+            f"ftlab {args.command} takes a run directory, not --config={spec}; the run's own "
+            "config.json is used"
+        )
+    run_dir = saved_run.run_directory(args.run_dir)
+    cfg = saved_run.run_config_arg(saved_run.load_config(run_dir), overrides)
+    which = saved_run.choose_checkpoint(run_dir, cfg, args.checkpoint)
+    from ftlab.parallel import runtime
+
+    runtime.setup(cfg.platform, cfg.distributed)
+    return run_dir, cfg, which
+
+
+def _data_errors():
+    from ftlab.data.frames import DataError
+
+    return (DataError,)
+
+
+def _eval(args, spec, overrides, log) -> int:
+    from ftlab import saved_run
+
+    run_dir, cfg, which = _run(args, spec, overrides)
+    rows, data, name = None, None, args.split
+    if args.split not in saved_run.SPLITS:
+        path = Path(args.split)
+        if not path.exists():
+            raise saved_run.InputError(
+                f"--split: {args.split!r} is neither val, test nor an existing file"
+            )
+        name = path.stem if path.stem not in saved_run.SPLITS else f"file-{path.stem}"
+        try:
+            rows = saved_run.file_rows(cfg, path, labelled=True, what="--split")
+            data, _ = saved_run.rows_dataset(cfg, rows)
+        except _data_errors() as e:
+            raise saved_run.InputError(f"--split: {path}: {e}") from None
+    restored = saved_run.restore(run_dir, cfg, which, data)
+    run = restored.run
+    split = run.data.test if rows is not None else getattr(run.data, args.split)
+    if not len(split):
+        raise saved_run.InputError(
+            f"the run has no {args.split} examples (data.{args.split}_fraction is 0?); "
+            "choose another --split"
+        )
+    metrics = run.evaluate(restored.state, split)
+    eval_dir = run_dir / "eval"
+    stem = f"{name}_{which.name}"
+    held_out = args.split == "test" or rows is not None
+    held_out = held_out or (args.split == "val" and not len(run.data.test))
+    if run.data.task == "causal_lm" and cfg.eval.generate_examples > 0 and held_out:
+        from ftlab.eval.generation_eval import evaluate_generation
+
+        eval_dir.mkdir(exist_ok=True)
+        metrics.update(
+            evaluate_generation(
+                run.model,
+                run.method,
+                restored.state.trainable,
+                restored.state.frozen,
+                split,
+                run.data.tokenizer,
+                cfg.data.template,
+                cfg.eval,
+                saved_run.new_file(eval_dir, f"{stem}_generations", ".jsonl"),
+            )
+        )
+    from ftlab.train.run_files import jsonable
+
+    result = {
+        "run": str(run_dir),
+        "split": args.split,
+        "checkpoint": which.name,
+        "step": which.step,
+        "examples": len(split),
+        "metrics": jsonable(metrics),
+    }
+    eval_dir.mkdir(exist_ok=True)
+    out = saved_run.new_file(eval_dir, stem)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    log.info("%s %s on %s: written to %s", run_dir, which, args.split, out)
+    return 0
+
+
+def _predict(args, spec, overrides, log) -> int:
+    from ftlab import saved_run
+
+    run_dir, cfg, which = _run(args, spec, overrides)
+    output = Path(args.output) if args.output else None
+    if output is not None and output.exists():
+        raise saved_run.InputError(f"--output: '{output}' exists; choose a new file")
+    try:
+        rows = saved_run.file_rows(cfg, args.input, labelled=False, what="--input")
+        if rows.source.task == "causal_lm":
+            data, positions = None, None
+        else:
+            data, positions = saved_run.rows_dataset(cfg, rows)
+    except _data_errors() as e:
+        raise saved_run.InputError(f"--input: {args.input}: {e}") from None
+    restored = saved_run.restore(run_dir, cfg, which, data)
+    if rows.source.task == "causal_lm":
+        records = saved_run.generate_rows(restored, rows.frame)
+    else:
+        records = saved_run.prediction_rows(restored, positions)
+    saved_run.write_records(records, output)
+    if output is not None:
+        log.info("%d predictions written to %s", len(records), output)
+    return 0
+
+
+def _export(args, spec, overrides, log) -> int:
+    from ftlab import saved_run
+
+    run_dir, cfg, which = _run(args, spec, overrides)
+    if not (args.hf or args.peft):
+        raise saved_run.InputError("export: give --hf DIR and / or --peft DIR")
+    targets = {"--hf": args.hf, "--peft": args.peft}
+    if args.hf and args.peft and Path(args.hf).resolve() == Path(args.peft).resolve():
+        raise saved_run.InputError("export: --hf and --peft name the same directory")
+    for flag, target in targets.items():
+        if target is None:
+            continue
+        path = Path(target)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise saved_run.InputError(
+                f"export {flag}: '{path}' exists and is not an empty directory; refusing to "
+                "overwrite it"
+            )
+    if args.hf and cfg.model.name != "hf":
+        raise saved_run.InputError(
+            f"export --hf: the run's model is {cfg.model.name!r}, not a Hugging Face family "
+            "(config.model.name='hf')"
+        )
+    if args.peft and cfg.method.name != "lora":
+        raise saved_run.InputError(
+            f"export --peft: the run's method is {cfg.method.name!r}; only a LoRA run has an "
+            "adapter (--hf exports the whole model)"
+        )
+    restored = saved_run.restore(run_dir, cfg, which)
+    from ftlab.methods.peft import PeftAdapterError
+    from ftlab.models.hf_export import HFExportError
+    from ftlab.train.loop import export
+
+    try:
+        export(
+            cfg,
+            restored.run.data,
+            restored.run.method,
+            restored.state,
+            hf_dir=Path(args.hf) if args.hf else None,
+            peft_dir=Path(args.peft) if args.peft else None,
+        )
+    except (HFExportError, PeftAdapterError) as e:
+        raise saved_run.InputError(f"export: {e}") from None
+    for flag, target in targets.items():
+        if target:
+            print(f"{flag.lstrip('-')}: {target}")
+    return 0
+
+
+def _compare(args, spec, overrides, log) -> int:
+    from ftlab import saved_run
+
+    if spec or overrides:
+        raise ConfigError("ftlab compare takes run directories, not a config or overrides")
+    if len(args.run_dirs) < 2:
+        raise saved_run.InputError("compare: give at least two run directories")
+    run_dirs = [saved_run.run_directory(d) for d in args.run_dirs]
+    try:
+        from ftlab.eval.compare import compare_runs
+    except ImportError as e:
+        raise saved_run.InputError(f"compare: not available in this ftlab ({e})") from None
+    print(compare_runs(run_dirs, Path(args.out) if args.out else None, args.baseline))
+    return 0
+
+
+COMMANDS = {
+    "train": _train,
+    "sweep": _train,
+    "list": _list,
+    "plan": _plan,
+    "eval": _eval,
+    "predict": _predict,
+    "export": _export,
+    "compare": _compare,
+}
 
 
 if __name__ == "__main__":

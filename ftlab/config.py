@@ -27,7 +27,9 @@ from ml_collections import config_dict as _cd
 __all__ = [
     "ConfigError",
     "apply_overrides",
+    "config_name",
     "flat_keys",
+    "from_dict",
     "load_config",
     "override_copy",
     "split_config_args",
@@ -83,6 +85,38 @@ def _call_get_config(get_config: Any, arg: str | None, path: str) -> Any:
     return get_config()
 
 
+def _check_arg(accepted: Any, arg: str | None, path: str) -> None:
+    """A config module's ``ARGS`` lists the arguments its ``get_config`` understands; each
+    comma-separated part of ``:arg`` must be one of them (``gpt2_e2e.py:lora,runlocal``)."""
+    if accepted is None or arg is None:
+        return
+    if isinstance(accepted, str) or not all(isinstance(a, str) for a in accepted):
+        raise ConfigError(
+            f"config file '{path}': ARGS must be a tuple of strings, got {accepted!r}"
+        )
+    accepted = tuple(accepted)
+    bad = [part for part in arg.split(",") if part not in accepted]
+    if not bad:
+        return
+    if not accepted:
+        raise ConfigError(f"config file '{path}' takes no argument, but ':{arg}' was given")
+    close = difflib.get_close_matches(bad[0], accepted, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(
+        f"config file '{path}' does not accept the argument {', '.join(repr(b) for b in bad)}"
+        f"{hint}; accepted: {', '.join(accepted)} (comma-separated, e.g. "
+        f"'{Path(path).name}:{accepted[0]}')"
+    )
+
+
+def config_name(spec: str) -> str:
+    """A name for the run of ``path/stem.py[:arg]``: ``stem``, or ``stem-arg`` with each comma
+    of the argument a dash (``gpt2_e2e-lora-runlocal``), so two arguments never share one."""
+    path, arg = _split_spec(spec)
+    stem = Path(path).stem
+    return f"{stem}-{arg.replace(',', '-')}" if arg else stem
+
+
 def load_config(spec: str) -> ConfigDict:
     """Import ``path.py`` (or ``path.py:ARG``) by path and return its locked config."""
     path_str, arg = _split_spec(spec)
@@ -104,6 +138,7 @@ def load_config(spec: str) -> ConfigDict:
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
         raise ConfigError(f"config file '{path_str}' does not define get_config()")
+    _check_arg(getattr(module, "ARGS", None), arg, path_str)
     try:
         cfg = _call_get_config(get_config, arg, path_str)
     except ConfigError:
@@ -369,3 +404,66 @@ def _plain(value: Any) -> Any:
 def to_dict(cfg: ConfigDict) -> dict[str, Any]:
     """Plain JSON-serialisable nested dict (tuples -> lists) for saving config.json."""
     return _plain(cfg)
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples a config holds (dicts inside keep their keys)."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def from_dict(saved: Mapping[str, Any], base: ConfigDict, where: str = "config") -> ConfigDict:
+    """The inverse of :func:`to_dict`: ``saved`` (a run's config.json) laid over ``base`` (the
+    schema's defaults), tuples restored where the schema has tuples; returned locked.
+
+    Sections that are free-form in the schema (empty there, like ``model.hf_config``, or
+    ``mesh.shape``) take the saved mapping as it is. A saved key the schema does not know is
+    an error naming it; keys the schema gained since the run keep their defaults.
+    """
+    cfg = copy.deepcopy(base)
+    cfg.unlock()
+
+    def fill(node: ConfigDict, values: Mapping[str, Any], prefix: str) -> None:
+        for key, value in values.items():
+            dotted = f"{prefix}{key}"
+            if key not in node:
+                raise ConfigError(f"{where}: key '{dotted}' is not a config key of this ftlab")
+            current = node[key]
+            if isinstance(current, ConfigDict) and isinstance(value, Mapping):
+                if not current.keys() or dotted == "mesh.shape":
+                    node[key] = ConfigDict(dict(value))
+                else:
+                    fill(current, value, dotted + ".")
+            elif isinstance(current, tuple):
+                node[key] = _tuples(value)
+            else:
+                try:
+                    node[key] = value
+                except TypeError as e:
+                    raise ConfigError(f"{where}: key '{dotted}': {e}") from None
+
+    fill(cfg, saved, "")
+    restored = to_dict(cfg)
+    flat_saved = _flat_plain(saved)
+    flat_restored = _flat_plain(restored)
+    differs = sorted(k for k, v in flat_saved.items() if flat_restored.get(k, _MISSING) != v)
+    if differs:
+        raise ConfigError(f"{where}: cannot restore key(s) {', '.join(differs)} exactly")
+    cfg.lock()
+    return cfg
+
+
+_MISSING = object()
+
+
+def _flat_plain(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flat_plain(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

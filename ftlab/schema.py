@@ -149,7 +149,14 @@ def base_config() -> mc.ConfigDict:
     c.export.hf = False  # workdir/hf: a Hugging Face directory (LoRA merged) transformers loads
     c.export.peft = False  # workdir/peft_adapter: the LoRA adapter in PEFT's format
 
-    c.eval = mc.ConfigDict()  # causal LMs: decode test prompts and score BLEU / ROUGE
+    c.eval = mc.ConfigDict()
+    # the starting model (pretrained weights, step 0) scored on val and test before training:
+    # the report's "before" row; turn off for very large models
+    c.eval.before_training = True
+    c.eval.label_issues = False  # classification: flag likely mislabelled training rows
+    c.eval.label_issue_folds = 5  # out-of-fold predictions for label_issues.csv
+    c.eval.fairness_threshold = 0.1  # flag demographic-parity / equal-opportunity gaps above
+    # causal LMs: decode test prompts and score BLEU / chrF / ROUGE
     c.eval.generate_examples = 0  # distinct test prompts decoded at the end (0: none)
     c.eval.max_new_tokens = 64
     c.eval.num_beams = 1
@@ -183,6 +190,14 @@ def base_config() -> mc.ConfigDict:
     c.stages = ()  # run in order before the variants (e.g. pretraining), in workdir/NAME
     c.variants = ()  # compared with one another; each in workdir/NAME, table in workdir
     c.variant_seeds = ()  # run each variant once per seed (seed and data.split_seed), mean ± std
+    # A sweep (ftlab/sweep.py): more variants, named from their values (r4_lr1e-3), laid on
+    # top of each declared variant (or alone). grid: (dotted_key, (values...)) pairs, a product;
+    # zip: groups of such pairs of equal length that move together, each one more axis of the
+    # product (a group is named by its first key, or by a ("name", (labels...)) entry).
+    c.sweep = mc.ConfigDict()
+    c.sweep.grid = ()
+    c.sweep.zip = ()
+    c.baseline = ""  # the variant the comparison's paired deltas are taken against ("" = first)
     return c
 
 
@@ -298,6 +313,7 @@ def validate(cfg: mc.ConfigDict) -> None:
     )
     _check(cfg.data.max_length > 1, "data.max_length", "must be > 1")
     _check(cfg.data.prefetch >= 0, "data.prefetch", "must be >= 0")
+    _check(cfg.eval.label_issue_folds >= 2, "eval.label_issue_folds", "must be >= 2")
     lora = cfg.method.lora
     if cfg.method.name == "lora":
         _check(lora.rank > 0, "method.lora.rank", f"must be > 0, got {lora.rank}")
@@ -342,3 +358,6 @@ def validate(cfg: mc.ConfigDict) -> None:
     for group in ("stages", "variants"):
         names = [name for name, _ in cfg[group]]
         _check(len(names) == len(set(names)), group, f"names must be unique, got {names}")
+    from ftlab.sweep import check as check_sweep  # the sweep's keys, values, names, baseline
+
+    check_sweep(cfg)

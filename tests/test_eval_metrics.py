@@ -70,9 +70,10 @@ def test_classification_metrics_rejects_bad_input(labels, preds, match):
 
 
 def test_regression_metrics_hand_example():
-    # errors: 0.5, 0, -1, 2 -> mse = (0.25+0+1+4)/4, mae = 3.5/4
+    # errors: 0.5, 0, -1, 2 -> mse = (0.25+0+1+4)/4, mae = 3.5/4; targets' variance 1.25,
+    # so R^2 = 1 - 1.3125 / 1.25 (worse than predicting the mean)
     m = regression_metrics(np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.5, 2, 2, 6]))
-    assert m == pytest.approx({"mse": 1.3125, "mae": 0.875})
+    assert m == pytest.approx({"mse": 1.3125, "mae": 0.875, "r2": 1 - 1.3125 / 1.25})
     assert all(type(v) is float for v in m.values())
     with pytest.raises(ValueError, match="same length"):
         regression_metrics([1.0, 2.0], [1.0])

@@ -81,6 +81,8 @@ class Dataset:
     tokenizer: Any = None  # text data: the tokenizer that made the token ids
     clean_log: dict = dataclasses.field(default_factory=dict)  # counts per cleaning step
     rejected: list = dataclasses.field(default_factory=list)  # rows cleaning skipped, and why
+    # what each data step did (cleaning, balance, splits, subsets): the run's data_report.json
+    report_log: dict = dataclasses.field(default_factory=dict)
 
     def original_units(self, values: np.ndarray) -> np.ndarray:
         if self.target_mean is None:

@@ -191,21 +191,21 @@ def load_dataset(
     rejected = clean_log.get("malformed", {}).pop("rejected", [])
     for step, counts in clean_log.items():
         log.info("data clean %s: %s", step, counts)
+    report: dict = {"cleaning": clean_log, "rejected_rows": len(rejected)}
     if cfg.balance.method:
         if task != "classification":
             raise ConfigError("config.data.balance.method: only classification data has classes")
-        splits, report = balance.resample(
+        splits, resampled = balance.resample(
             splits,
             cfg.balance.method,
             cfg.balance.ratio,
             seed=cfg.split_seed,
             k_neighbors=cfg.balance.k_neighbors,
         )
-        log.info("data balance: %s", report)
-    log.info(
-        "data splits:\n%s",
-        splitting.format_report(splitting.split_report(splits), splits.label_names),
-    )
+        log.info("data balance: %s", resampled)
+        report["balance"] = {"method": cfg.balance.method, **resampled}
+    report["splits"] = splitting.split_report(splits)
+    log.info("data splits:\n%s", splitting.format_report(report["splits"], splits.label_names))
     text_input = "text" in splits.train.columns
     tok = None
     if task == "causal_lm" or text_input:
@@ -224,9 +224,15 @@ def load_dataset(
     if cfg.train_per_class > 0:
         if task != "classification":
             raise ConfigError("config.data.train_per_class: only for classification data")
+        before = len(data.train)
         data.train = _few_per_class(
             data.train, cfg.train_per_class, data.num_outputs, cfg.split_seed
         )
+        report["train_per_class"] = {
+            "per_class": cfg.train_per_class,
+            "kept": len(data.train),
+            "of": before,
+        }
     scaled = c.normalise or standardise_early
     if task in ("classification", "regression") and not text_input and not scaled:
         _scale_inputs(data, cfg.scale)  # statistics from the (final) training split
@@ -234,8 +240,10 @@ def load_dataset(
         weights = balance.class_weights(splits, data.num_outputs)  # 'balanced', from train
         data.train.weights = weights[data.train.labels]
         log.info("data class weights: %s", np.round(weights, 4).tolist())
+        report["class_weights"] = np.round(weights, 6).tolist()
     data.tokenizer = tok
     data.clean_log = clean_log
+    data.report_log = report
     data.rejected = rejected
     if workdir is not None and rejected:
         write_rejects(Path(workdir) / c.rejects_file, rejected)

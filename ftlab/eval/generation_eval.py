@@ -87,7 +87,10 @@ def evaluate_generation(
             hypotheses.append(text)
             references.append(refs)
             rows.append({"prompt": record["instruction"], "output": text, "references": refs})
-    scores = {"bleu": text_metrics.bleu(hypotheses, references)}
+    scores = {
+        "bleu": text_metrics.bleu(hypotheses, references),
+        "chrf": text_metrics.chrf(hypotheses, references),
+    }
     scores.update(text_metrics.rouge(hypotheses, references))
     scores["generated_examples"] = len(hypotheses)
     if out_file is not None:

@@ -86,13 +86,15 @@ def classification_metrics(labels: Any, preds: Any, num_classes: int) -> dict[st
 
 
 def regression_metrics(targets: Any, preds: Any) -> dict[str, float]:
-    """Mean squared and mean absolute error over the full evaluation set."""
+    """Mean squared and mean absolute error, and R^2 (1 - MSE / variance of the targets; 0 for
+    predicting the mean), over the full evaluation set."""
     y_true = _as_1d(targets).astype(np.float64)
     y_pred = _as_1d(preds).astype(np.float64)
     _check_lengths("targets", y_true, "preds", y_pred)
     return {
         "mse": float(skm.mean_squared_error(y_true, y_pred)),
         "mae": float(skm.mean_absolute_error(y_true, y_pred)),
+        "r2": float(skm.r2_score(y_true, y_pred)) if len(y_true) > 1 else float("nan"),
     }
 
 

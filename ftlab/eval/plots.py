@@ -19,7 +19,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["plot_confusion_matrix", "plot_curves", "plot_history", "split_history"]
+__all__ = [
+    "plot_confusion_matrix",
+    "plot_curves",
+    "plot_history",
+    "plot_image_grid",
+    "split_history",
+]
 
 Series = dict[str, list[tuple[int, float]]]
 
@@ -164,6 +170,50 @@ def plot_history(records: list[dict], path: str | Path, title: str = "") -> Path
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
+        if title:
+            fig.suptitle(title)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return _save(fig, path)
+
+
+def _displayable(image: Any) -> tuple[np.ndarray, str | None]:
+    """(H, W) or (H, W, C) -> an array imshow draws as-is, and a colormap for one channel.
+
+    Inputs are usually normalised (mean/std) floats, so each image is rescaled to [0, 1] on
+    its own range: the grid shows shapes, not absolute intensities.
+    """
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim == 3 and img.shape[-1] not in (3, 4):
+        raise ValueError(f"an image must be (H, W) or (H, W, 1|3|4), got {img.shape}")
+    img = np.nan_to_num(img)
+    low, high = float(img.min()), float(img.max())
+    img = (img - low) / (high - low) if high > low else np.zeros_like(img)
+    return img, ("gray_r" if img.ndim == 2 else None)
+
+
+def plot_image_grid(
+    images: Sequence[Any], titles: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
+    """A grid of images (4 per row) with a small title over each, e.g. misclassified
+    examples labelled "true → pred (p)"."""
+    if len(images) != len(titles):
+        raise ValueError(f"{len(images)} images but {len(titles)} titles")
+    if not len(images):
+        raise ValueError("plot_image_grid needs at least one image")
+    cols = min(4, len(images))
+    rows = math.ceil(len(images) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    try:
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, image, name in zip(axes.flat, images, titles):
+            img, cmap = _displayable(image)
+            ax.imshow(img, cmap=cmap, interpolation="nearest")
+            ax.set_title(name, fontsize=8)
         if title:
             fig.suptitle(title)
     except BaseException:

@@ -24,15 +24,27 @@ def _references(hypotheses: Sequence[str], references: Sequence[str | Sequence[s
     return [[r] if isinstance(r, str) else list(r) for r in references]
 
 
+def _streams(refs: list[list[str]]) -> list[list[str | None]]:
+    """sacrebleu's reference streams: stream k holds every hypothesis's k-th reference."""
+    width = max(len(r) for r in refs)
+    return [[r[k] if k < len(r) else None for r in refs] for k in range(width)]
+
+
 def bleu(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
     """Corpus BLEU (0-100) of ``hypotheses`` against one or more references each."""
     import sacrebleu
 
-    refs = _references(hypotheses, references)
-    width = max(len(r) for r in refs)
-    # sacrebleu wants reference streams: stream k holds every hypothesis's k-th reference
-    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(width)]
+    streams = _streams(_references(hypotheses, references))
     return float(sacrebleu.corpus_bleu(list(hypotheses), streams).score)
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
+    """Corpus chrF (0-100, sacrebleu's defaults: character 6-grams, beta 2) against one or
+    more references each; robust to tokenisation, so it complements BLEU on short outputs."""
+    import sacrebleu
+
+    streams = _streams(_references(hypotheses, references))
+    return float(sacrebleu.corpus_chrf(list(hypotheses), streams).score)
 
 
 def rouge(

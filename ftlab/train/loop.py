@@ -38,7 +38,7 @@ from ftlab.models import build_model
 from ftlab.parallel import mesh as mesh_lib
 from ftlab.parallel import shard
 from ftlab.schema import validate
-from ftlab.train import losses, optim
+from ftlab.train import losses, optim, run_files
 from ftlab.train.state import TrainState
 from ftlab.train.step import make_eval_step, make_train_step
 from ftlab.train.writer import MetricWriter, read_metrics
@@ -90,8 +90,9 @@ def init_variables(cfg: mc.ConfigDict, model, sample: np.ndarray) -> tuple[dict,
         return params, model_state
     flat = tree.flatten(params)
     fresh = by_regexes(sorted(flat), cfg.init.reinit, "init.reinit")
-    params = tree.unflatten(_overlay(flat, checkpoint.load_pytree(cfg.init.checkpoint), fresh, cfg))
-    saved_state = Path(cfg.init.checkpoint).parent / "model_state"
+    params_dir, _ = run_files.resolve_init(cfg.init.checkpoint)
+    params = tree.unflatten(_overlay(flat, checkpoint.load_pytree(params_dir), fresh, cfg))
+    saved_state = params_dir.parent / "model_state"
     if model_state and saved_state.exists():
         flat_state = tree.flatten(model_state)  # "<collection>/<param path>"
         fresh_modules = {f.rsplit("/", 1)[0] for f in fresh}  # a new head keeps fresh stats too
@@ -152,22 +153,28 @@ def evaluate(
     data: Dataset,
     batch_size: int,
     sharding=None,
+    *,
+    keep_outputs: bool = False,
 ) -> dict:
-    """Loss and task metrics over the whole split (the loss weighted as in training)."""
-    outputs, loss, weights = [], [], []
+    """Loss and task metrics over the whole split (the loss weighted as in training).
+
+    ``keep_outputs`` adds the model's per-example outputs (``"outputs"``: logits or values,
+    as numpy) for analysis; they are not metrics and are never logged.
+    """
+    parts: dict[str, list] = {}
     for batch in eval_batches(split, batch_size):
         out = _fetch(eval_step(state, _place(batch, sharding)))
         keep = batch["weights"] > 0
-        if "outputs" in out:
-            outputs.append(out["outputs"][keep])
-        loss.append(out["loss"][keep])
-        weights.append(batch["weights"][keep])
-    loss, weights = np.concatenate(loss), np.concatenate(weights)
+        for key, value in {**out, "weights": batch["weights"]}.items():
+            parts.setdefault(key, []).append(np.asarray(value)[keep])
+    got = {key: np.concatenate(value) for key, value in parts.items()}
+    loss, weights = got["loss"], got["weights"]
     result = {"loss": float(np.sum(loss * weights) / np.sum(weights))}
     if data.task == "causal_lm":  # per-example mean token losses, weighted by token counts
-        result["perplexity"] = text_metrics.perplexity(loss, weights)
+        result["perplexity"] = text_metrics.perplexity(got["nll"], got["tokens"])
+        result["token_accuracy"] = float(got["correct"].sum() / max(got["tokens"].sum(), 1.0))
         return result
-    outputs = np.concatenate(outputs)
+    outputs = got["outputs"]
     if data.task == "classification":
         preds = outputs.argmax(-1)
         result.update(metrics_lib.classification_metrics(split.labels, preds, data.num_outputs))
@@ -183,21 +190,27 @@ def evaluate(
                 data.original_units(split.labels), data.original_units(outputs)
             )
         )
+    if keep_outputs:
+        result["outputs"] = outputs
     return result
+
+
+def _config_changes(path: Path, cfg: mc.ConfigDict) -> list[str]:
+    """Dotted keys whose values differ between ``cfg`` and the config saved at ``path``."""
+    flat_old = tree.flatten(json.loads(path.read_text()))
+    flat_new = tree.flatten(to_dict(cfg))
+    return sorted(
+        k.replace("/", ".")
+        for k in flat_old.keys() | flat_new.keys()
+        if flat_old.get(k) != flat_new.get(k)
+    )
 
 
 def _save_config(path: Path, cfg: mc.ConfigDict) -> None:
     """Write config.json; a workdir that already holds a different run is an error, so
     resuming never mixes two configs and nothing saved is overwritten."""
-    new = to_dict(cfg)
     if path.exists():
-        old = json.loads(path.read_text())
-        flat_old, flat_new = tree.flatten(old), tree.flatten(new)
-        changed = sorted(
-            k.replace("/", ".")
-            for k in flat_old.keys() | flat_new.keys()
-            if flat_old.get(k) != flat_new.get(k)
-        )
+        changed = _config_changes(path, cfg)
         if changed:
             raise ConfigError(
                 f"{path.parent} already holds a run with a different config (changed: "
@@ -205,7 +218,7 @@ def _save_config(path: Path, cfg: mc.ConfigDict) -> None:
             )
         return
     if jax.process_index() == 0:
-        path.write_text(json.dumps(new, indent=2))
+        path.write_text(json.dumps(to_dict(cfg), indent=2))
 
 
 class _EarlyStopping:
@@ -361,15 +374,16 @@ class Run:
     lr_schedule: Callable
     total_steps: int
 
-    def evaluate(self, split: Split) -> dict:
-        """Loss and task metrics of ``self.state`` over a whole split."""
+    def evaluate(self, state: TrainState, split: Split, keep_outputs: bool = False) -> dict:
+        """Loss and task metrics of ``state`` over a whole split (see ``evaluate``)."""
         return evaluate(
             self.eval_step,
-            self.state,
+            state,
             split,
             self.data,
             self.cfg.train.eval_batch_size,
             self.batch_sharding,
+            keep_outputs=keep_outputs,
         )
 
 
@@ -402,7 +416,9 @@ def build(cfg: mc.ConfigDict, data: Dataset | None = None) -> Run:
         state_sh,
         batch_sh,
     )
-    eval_step = shard.jit_eval_step(make_eval_step(model, method, loss_fn), state_sh, batch_sh)
+    eval_step = shard.jit_eval_step(
+        make_eval_step(model, method, loss_fn, data.task), state_sh, batch_sh
+    )
     return Run(
         cfg,
         data,
@@ -426,9 +442,39 @@ def train(
     on_step: Callable[[int], None] | None = None,
     data: Dataset | None = None,
 ) -> dict:
-    """Run (or resume) the experiment described by ``cfg`` in ``workdir``; returns the summary."""
-    start_time = time.time()
+    """Run (or resume) the experiment described by ``cfg`` in ``workdir``; returns the summary.
+
+    A finished run (its summary written, the same config) is not touched again: its summary
+    is returned as it is.
+    """
     workdir = Path(workdir)
+    finished = finished_summary(workdir, cfg)
+    if finished is not None:
+        log.info("%s: finished already (summary.json); nothing to do", workdir)
+        return finished
+    with run_files.RunLog() as run_log:
+        return _train(cfg, workdir, run_log, on_step=on_step, data=data)
+
+
+def finished_summary(workdir: Path, cfg: mc.ConfigDict) -> dict | None:
+    """The summary of a finished run of this same config in ``workdir``, else None."""
+    summary, config = workdir / "summary.json", workdir / "config.json"
+    if not (summary.exists() and config.exists()):
+        return None
+    if _config_changes(config, cfg):
+        return None  # _save_config names the changed keys when training starts
+    return json.loads(summary.read_text())
+
+
+def _train(
+    cfg: mc.ConfigDict,
+    workdir: Path,
+    run_log: run_files.RunLog,
+    *,
+    on_step: Callable[[int], None] | None,
+    data: Dataset | None,
+) -> dict:
+    start_time = time.time()
     run = build(cfg, data)
     data, model, method, state = run.data, run.model, run.method, run.state
     train_step, eval_step, batch_sh = run.train_step, run.eval_step, run.batch_sharding
@@ -441,6 +487,7 @@ def train(
     # Checkpoints: resume from the latest one if there is one.
     workdir.mkdir(parents=True, exist_ok=True)
     _save_config(workdir / "config.json", cfg)
+    run_log.attach(workdir)
     if data.rejected:
         write_rejects(workdir / cfg.data.clean.rejects_file, data.rejected)
         log.warning(
@@ -464,10 +511,12 @@ def train(
     stopper = _EarlyStopping(es_cfg, meta)
     batches = _train_batches(cfg, data, int(state.step), meta, batch_sh)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_from=int(state.step))
+    before = _before_training(run, state, workdir, writer)
 
     step = int(state.step)
     pending: list[tuple[int, dict]] = []
     window_start, window_steps = time.time(), 0
+    speed = _Speed(cfg.train.batch_size, run_files.tokens_per_example(data))
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -498,6 +547,12 @@ def train(
             "train/lr": float(fetched[-1]["lr"]),
             "train/examples_per_sec": rate,
         }
+        tokens = run_files.tokens_per_example(data)
+        if tokens:
+            record["train/tokens_per_sec"] = rate * tokens
+        in_use = run_files.device_memory("bytes_in_use")
+        if in_use is not None:
+            record["train/device_memory_bytes"] = float(in_use)
         writer.write(pending[-1][0], record)
         bar.set_postfix(
             loss=f"{record['train/loss']:.4f}",
@@ -518,6 +573,7 @@ def train(
             state, step_metrics = train_step(state, next(batches))
             if sync_every_step:
                 jax.block_until_ready(step_metrics)
+            speed.stepped(step_metrics)
             step += 1
             window_steps += 1
             pending.append((step, step_metrics))
@@ -525,6 +581,7 @@ def train(
             if step % cfg.train.log_every == 0:
                 flush()
             if step % cfg.train.eval_every == 0 or step == total_steps:
+                speed.pause(state)
                 flush()
                 val = evaluate(
                     eval_step, state, data.val, data, cfg.train.eval_batch_size, batch_sh
@@ -542,7 +599,9 @@ def train(
                         stopper.best_step,
                     )
             if step % cfg.checkpoint.every_steps == 0:
+                speed.pause(state)
                 save()
+            speed.resume()
             if on_step is not None:
                 on_step(step)
             if interrupt.requested:
@@ -554,6 +613,7 @@ def train(
                     step,
                 )
                 raise KeyboardInterrupt
+    speed.pause(state)
     save(force=True)
     bar.close()
     ckpts.wait()
@@ -568,12 +628,9 @@ def train(
             es_cfg.metric,
             stopper.best,
         )
-    val = evaluate(eval_step, state, data.val, data, cfg.train.eval_batch_size, batch_sh)
-    test = (
-        evaluate(eval_step, state, data.test, data, cfg.train.eval_batch_size, batch_sh)
-        if len(data.test)
-        else {}
-    )
+    val = run.evaluate(state, data.val, keep_outputs=not len(data.test))
+    test = run.evaluate(state, data.test, keep_outputs=True) if len(data.test) else {}
+    outputs = (test or val).pop("outputs", None)
     if data.task == "causal_lm" and cfg.eval.generate_examples > 0:
         from ftlab.eval.generation_eval import evaluate_generation
 
@@ -600,6 +657,8 @@ def train(
 
     n_trainable = tree.count(state.trainable)
     summary = {
+        "task": data.task,
+        "class_names": list(data.class_names),
         "steps": step,
         "best_step": best_step,
         "stopped_early": stopper.stopped,
@@ -608,22 +667,96 @@ def train(
         "trainable_params": n_trainable,
         "total_params": tree.count(state.frozen) + tree.count(state.trainable["params"]),
         "wall_time_s": time.time() - start_time,
+        **speed.summary(),
+        "peak_memory_bytes": run_files.device_memory("peak_bytes_in_use"),
+        "before": before,
         "val": val,
         "test": test,
+        "lineage": run_files.resolve_init(cfg.init.checkpoint)[1] if cfg.init.checkpoint else [],
     }
     _save_final(cfg, workdir, data, method, state)  # every process: collective saves
     if jax.process_index() == 0:
-        _write_outputs(workdir, summary, data)
+        _write_outputs(cfg, workdir, summary, data, outputs)
     log.info("done: %s", metrics_lib.scalars(test or val))
     return summary
 
 
-def _export(
-    cfg: mc.ConfigDict, workdir: Path, data: Dataset, method: Method, state: TrainState
+class _Speed:
+    """Training throughput over the steps after the first (which compiles), with evaluation
+    and checkpointing excluded: the rate a longer run would see."""
+
+    def __init__(self, batch_size: int, tokens_per_example: int | None):
+        self.batch_size, self.tokens = batch_size, tokens_per_example
+        self.steps, self.seconds = 0, 0.0
+        self.started: float | None = None
+        self.first = True
+
+    def stepped(self, metrics) -> None:
+        if self.first:  # wait for the compiled first step; time from there on
+            jax.block_until_ready(metrics)
+            self.first = False
+            self.started = time.perf_counter()
+            return
+        if self.started is None:
+            self.started = time.perf_counter()
+        self.steps += 1
+
+    def pause(self, state) -> None:
+        if self.started is not None:
+            jax.block_until_ready(state)
+            self.seconds += time.perf_counter() - self.started
+            self.started = None
+
+    def resume(self) -> None:
+        if self.started is None and not self.first:
+            self.started = time.perf_counter()
+
+    def summary(self) -> dict:
+        rate = self.steps * self.batch_size / self.seconds if self.steps and self.seconds else None
+        return {
+            "examples_per_sec": rate,
+            "tokens_per_sec": rate * self.tokens if rate and self.tokens else None,
+        }
+
+
+def _before_training(
+    run: Run, state: TrainState, workdir: Path, writer: MetricWriter
+) -> dict | None:
+    """The starting model (pretrained weights, step 0) on val and test, once per run
+    (``eval.before_training``); kept in ``before.json`` so a resumed run reports it too."""
+    path = workdir / "before.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if not run.cfg.eval.before_training or int(state.step) != 0:
+        return None
+    before = {"val": run.evaluate(state, run.data.val)}
+    if len(run.data.test):
+        before["test"] = run.evaluate(state, run.data.test)
+    scalars = {
+        **metrics_lib.scalars(before["val"], "before_val"),
+        **metrics_lib.scalars(before.get("test", {}), "before_test"),
+    }
+    writer.write(0, scalars)
+    log.info("before training: %s", scalars)
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(run_files.jsonable(before), indent=2))
+    return before
+
+
+def export(
+    cfg: mc.ConfigDict,
+    data: Dataset,
+    method: Method,
+    state: TrainState,
+    *,
+    hf_dir: Path | None = None,
+    peft_dir: Path | None = None,
 ) -> None:
-    """``config.export``: the merged model as a Hugging Face directory (with the tokenizer) and
-    the LoRA adapter in PEFT's format, for transformers / peft users."""
-    if not (cfg.export.hf or cfg.export.peft):
+    """The merged model as a Hugging Face directory (with the tokenizer) in ``hf_dir`` and the
+    LoRA adapter in PEFT's format in ``peft_dir`` (either may be None), for transformers / peft
+    users. Every process calls it (the gathers are collective); process 0 writes. A target that
+    is a non-empty directory is refused (``HFExportError`` / ``PeftAdapterError``)."""
+    if hf_dir is None and peft_dir is None:
         return
     from ftlab.models import hf_import
     from ftlab.models.hf_models import export_config
@@ -632,28 +765,43 @@ def _export(
     source = cfg.data.tokenizer or cfg.model.pretrained
     source = str(hf_import.resolve(source)) if source else None
     writes = jax.process_index() == 0  # every process gathers; one writes
-    if cfg.export.hf and not (workdir / "hf").exists():
+    if hf_dir is not None:
         from ftlab.models.hf_export import export_hf
 
         merged = _fetch(jax.jit(method.merged_params)(state.trainable, state.frozen))
         model_state = _fetch(state.model_state) or None
         if writes:
-            export_hf(workdir / "hf", merged, config, model_state=model_state, source=source)
-            log.info("exported a Hugging Face model to %s", workdir / "hf")
-    if cfg.export.peft and not (workdir / "peft_adapter").exists():
+            export_hf(hf_dir, merged, config, model_state=model_state, source=source)
+            log.info("exported a Hugging Face model to %s", hf_dir)
+    if peft_dir is not None:
         from ftlab.methods.peft import export_method_adapter
 
         trainable, frozen = _fetch(state.trainable), _fetch(state.frozen)
         if writes:
             export_method_adapter(
-                workdir / "peft_adapter",
+                peft_dir,
                 method,
                 trainable,
                 frozen,
                 config,
                 base_model_name_or_path=cfg.model.pretrained or None,
             )
-        log.info("exported the LoRA adapter (PEFT format) to %s", workdir / "peft_adapter")
+        log.info("exported the LoRA adapter (PEFT format) to %s", peft_dir)
+
+
+def _export(
+    cfg: mc.ConfigDict, workdir: Path, data: Dataset, method: Method, state: TrainState
+) -> None:
+    """``config.export``: into ``workdir/hf`` and ``workdir/peft_adapter`` (those not there yet)."""
+    hf_dir, peft_dir = workdir / "hf", workdir / "peft_adapter"
+    export(
+        cfg,
+        data,
+        method,
+        state,
+        hf_dir=hf_dir if cfg.export.hf and not hf_dir.exists() else None,
+        peft_dir=peft_dir if cfg.export.peft and not peft_dir.exists() else None,
+    )
 
 
 def _save_final(
@@ -671,20 +819,66 @@ def _save_final(
     _export(cfg, workdir, data, method, state)
 
 
-def _write_outputs(workdir: Path, summary: dict, data: Dataset) -> None:
-    """summary.json and plots (process 0)."""
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    plots.plot_history(
-        read_metrics(workdir / "metrics.jsonl"),
-        workdir / "learning_curves.png",
-        workdir.name,
-    )
+def _write_outputs(
+    cfg: mc.ConfigDict, workdir: Path, summary: dict, data: Dataset, outputs: np.ndarray | None
+) -> None:
+    """summary.json, plots, the analysis of the held-out predictions, the fit verdict, label
+    issues, the data report and report.md / report.html (process 0)."""
+    from ftlab.eval import analysis, diagnosis
+    from ftlab.eval.run_report import write_report
+
+    records = read_metrics(workdir / "metrics.jsonl")
+    summary["verdict"] = diagnosis.fit_verdict(records, chance_loss=run_files.chance_loss(data))
+    if summary["verdict"]["verdict"] in ("overfitting", "underfitting"):
+        log.warning("%s: %s", summary["verdict"]["verdict"], summary["verdict"]["evidence"])
+    split_name, split = run_files.held_out(data)
+    if data.task == "classification" and outputs is not None:
+        summary["analysis"] = analysis.run_analysis(
+            workdir,
+            split_name,
+            split.labels,
+            run_files.softmax(outputs),
+            data.class_names,
+            split.inputs,
+            {k: v for k, v in split.text.items() if k != "group"},
+            groups=split.text.get("group"),
+            fairness_threshold=cfg.eval.fairness_threshold,
+        )
+    if cfg.eval.label_issues and data.task == "classification":
+        summary["label_issues"] = _label_issues(cfg, workdir, data)
+    summary["environment"] = analysis.environment()
+    run_files.write_data_report(workdir, cfg, data, summary["steps"])
+    (workdir / "summary.json").write_text(json.dumps(run_files.jsonable(summary), indent=2))
+    plots.plot_history(records, workdir / "learning_curves.png", workdir.name)
     final = summary["test"] or summary["val"]
     if "confusion_matrix" in final:
-        split = "test" if summary["test"] else "val"
         plots.plot_confusion_matrix(
             np.array(final["confusion_matrix"]),
             data.class_names,
             workdir / "confusion_matrix.png",
-            f"{workdir.name}: {split} confusion matrix",
+            f"{workdir.name}: {split_name} confusion matrix",
         )
+    write_report(workdir, workdir.name, {workdir.name: [workdir]})
+
+
+def _label_issues(cfg: mc.ConfigDict, workdir: Path, data: Dataset) -> dict:
+    """Confident learning over out-of-fold predictions of a simple model on the training split:
+    ``label_issues.csv`` lists the rows to review before retraining."""
+    from ftlab.data import label_issues
+
+    features = label_issues.featurize(data.train.inputs)
+    probs = label_issues.out_of_fold_probs(
+        features,
+        data.train.labels,
+        data.num_outputs,
+        folds=cfg.eval.label_issue_folds,
+        seed=cfg.seed,
+    )
+    issues = label_issues.find_label_issues(probs, data.train.labels)
+    path = workdir / "label_issues.csv"
+    label_issues.write_label_issues(path, issues, data.class_names)
+    flagged = len(issues["index"]) if isinstance(issues, dict) else len(issues)
+    log.info(
+        "label issues: %d of %d training rows flagged, listed in %s", flagged, len(data.train), path
+    )
+    return {"flagged": flagged, "of": len(data.train), "file": path.name}

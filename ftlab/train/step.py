@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from ftlab.methods import Method
+from ftlab.train import losses
 from ftlab.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -107,9 +108,15 @@ def make_eval_step(
     model: nn.Module,
     method: Method,
     per_example_loss: Callable[[jax.Array, Batch], jax.Array],
+    task: str = "classification",
 ) -> Callable[[TrainState, Batch], dict]:
     """Per-example outputs and losses; the caller drops padding and computes metrics on the
-    whole split (never on one batch)."""
+    whole split (never on one batch).
+
+    A causal LM returns, instead of its logits (batch x length x vocabulary: too large to
+    fetch), each example's target-token count, correctly predicted tokens and plain
+    (unsmoothed) cross-entropy, from which perplexity and token accuracy follow.
+    """
 
     def eval_step(state: TrainState, batch: Batch) -> dict:
         outputs = method.apply(
@@ -120,9 +127,17 @@ def make_eval_step(
             train=False,
             model_state=state.model_state,
         )
+        loss = per_example_loss(outputs, batch)
+        if task != "causal_lm":
+            return {"outputs": outputs.astype(jnp.float32), "loss": loss}
+        labels = batch["labels"]
+        mask = labels >= 0
+        hits = (jnp.argmax(outputs, -1) == labels) & mask
         return {
-            "outputs": outputs.astype(jnp.float32),
-            "loss": per_example_loss(outputs, batch),
+            "loss": loss,
+            "nll": losses.causal_lm_loss(outputs, batch),
+            "tokens": jnp.sum(mask, -1).astype(jnp.float32),
+            "correct": jnp.sum(hits, -1).astype(jnp.float32),
         }
 
     return eval_step

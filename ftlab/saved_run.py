@@ -1,0 +1,503 @@
+"""A finished run loaded back from its directory: ``ftlab eval``, ``predict`` and ``export``.
+
+``load_config(run_dir)`` restores the run's config from its ``config.json`` (over the
+schema's defaults: ``ftlab.config.from_dict``); ``choose_checkpoint`` picks the weights
+(``best``, ``last`` or a step; by default what the run's final evaluation used: the best
+checkpoint when ``early_stopping.restore_best`` and there is one, else the last);
+``restore`` rebuilds the run (``ftlab.train.loop.build``) and restores them.
+
+Rows from a file (``eval --split FILE``, ``predict --input FILE``) go through the run's own
+data pipeline: the run's source is loaded and split as in training, and the file's rows take
+the test split's place (``rows_dataset``), so every statistic (imputation, scaling,
+normalisation, target standardisation, the label map, the tokenizer) is the one fitted on the
+run's training split. The one difference from the original run: the training and validation
+rows that the leakage check removed are taken out before cleaning rather than after the
+missing-value step, so ``data.clean.missing`` imputation statistics may differ when both the
+leakage check removed rows and those rows had missing values.
+
+Every check on the command's input (the directory, its config, its checkpoints, the split,
+the file and its columns) comes before anything is built; nothing in the run directory is
+written except new files under ``eval/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import ml_collections as mc
+import numpy as np
+import pandas as pd
+
+from ftlab.config import ConfigError, apply_overrides, from_dict
+
+log = logging.getLogger("ftlab")
+
+SPLITS = ("val", "test")
+
+
+class InputError(ConfigError):
+    """A command-line input (directory, checkpoint, split, file, column) that cannot be used."""
+
+
+# -- the run directory -------------------------------------------------------------------------
+
+
+def run_directory(path: str | Path) -> Path:
+    run_dir = Path(path)
+    if not run_dir.exists():
+        raise InputError(f"run directory '{run_dir}' does not exist")
+    if not run_dir.is_dir():
+        raise InputError(f"'{run_dir}' is not a run directory (not a directory)")
+    return run_dir
+
+
+def load_config(run_dir: str | Path) -> mc.ConfigDict:
+    """The run's config from ``run_dir/config.json``, locked."""
+    from ftlab.schema import base_config
+
+    run_dir = run_directory(run_dir)
+    path = run_dir / "config.json"
+    if not path.is_file():
+        hint = ""
+        if any((p / "config.json").is_file() for p in run_dir.iterdir() if p.is_dir()):
+            hint = " (it holds runs: give one of its subdirectories)"
+        raise InputError(f"'{run_dir}' has no config.json: not a run directory{hint}")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read '{path}': {e}") from None
+    if not isinstance(saved, dict):
+        raise InputError(f"'{path}' does not hold a config (a JSON object)")
+    return from_dict(saved, base_config(), where=str(path))
+
+
+def _steps(directory: Path) -> list[int]:
+    """Checkpoint steps saved under ``directory`` (finished ones: their folder is a number)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    kind: str  # "best" or "last"
+    step: int
+    name: str  # "best", "last" or the step: names the eval file
+
+    def __str__(self) -> str:
+        return f"{self.kind} checkpoint (step {self.step})"
+
+
+def choose_checkpoint(run_dir: Path, cfg: mc.ConfigDict, which: str | None = None) -> Checkpoint:
+    """``best``, ``last`` (the latest), a step, or None: what the run's final evaluation used."""
+    ckpt_dir = run_dir / "checkpoints"
+    last, best = _steps(ckpt_dir / "last"), _steps(ckpt_dir / "best")
+    if not last and not best:
+        raise InputError(f"'{run_dir}' has no checkpoints (nothing in {ckpt_dir})")
+    if which is None:
+        if cfg.early_stopping.restore_best and best:
+            return Checkpoint("best", best[-1], "best")
+        which = "last"
+    if which == "best":
+        if not best:
+            raise InputError(f"'{run_dir}' has no best checkpoint; saved steps: {last}")
+        return Checkpoint("best", best[-1], "best")
+    if which == "last":
+        if not last:
+            raise InputError(f"'{run_dir}' has no last checkpoint; best is step {best[-1]}")
+        return Checkpoint("last", last[-1], "last")
+    try:
+        step = int(which)
+    except ValueError:
+        raise InputError(f"--checkpoint: {which!r} is not best, last or a step number") from None
+    if step in last:
+        return Checkpoint("last", step, str(step))
+    if step in best:
+        return Checkpoint("best", step, str(step))
+    available = sorted(set(last) | set(best))
+    raise InputError(
+        f"--checkpoint: '{run_dir}' has no checkpoint at step {step}; saved steps: {available}"
+    )
+
+
+@dataclasses.dataclass
+class Restored:
+    """A run rebuilt from its config with a checkpoint's state."""
+
+    directory: Path
+    cfg: mc.ConfigDict
+    run: Any  # ftlab.train.loop.Run
+    state: Any  # its TrainState, restored
+    checkpoint: Checkpoint
+
+
+def restore(run_dir: Path, cfg: mc.ConfigDict, which: Checkpoint, data: Any = None) -> Restored:
+    """Build the run (data, model, method, sharded state) and restore the checkpoint into it."""
+    from ftlab import checkpoint
+    from ftlab.train.loop import build
+
+    run = build(cfg, data)
+    ckpt_dir = run_dir / "checkpoints"
+    # Orbax creates the folders it manages: only name the best one when it exists.
+    ckpts = checkpoint.Checkpoints(
+        ckpt_dir,
+        save_every=cfg.checkpoint.every_steps,
+        keep=cfg.checkpoint.keep,
+        async_save=False,
+        best_metric=cfg.early_stopping.metric if (ckpt_dir / "best").is_dir() else None,
+        best_mode=cfg.early_stopping.mode,
+    )
+    try:
+        if which.kind == "best" and which.name == "best":
+            state, _, _ = ckpts.restore_best(run.state)
+        elif which.kind == "best":
+            state, _ = ckpts._restore(ckpts._best, run.state, which.step)
+        else:
+            state, _ = ckpts.restore(run.state, which.step)
+    finally:
+        ckpts.close()
+    log.info("restored the %s from %s", which, ckpt_dir)
+    return Restored(run_dir, cfg, run, state, which)
+
+
+def new_file(directory: Path, stem: str, suffix: str = ".json") -> Path:
+    """``directory/stem.json``, or ``stem-2.json``, ... : a name no file has yet."""
+    path = directory / f"{stem}{suffix}"
+    n = 2
+    while path.exists():
+        path = directory / f"{stem}-{n}{suffix}"
+        n += 1
+    return path
+
+
+# -- rows from a file through the run's data pipeline --------------------------------------------
+
+
+@dataclasses.dataclass
+class SourceSplits:
+    """The run's source split as in training, and what its pipeline needs to be replayed."""
+
+    splits: Any  # ftlab.data.splitting.Splits, leaked rows taken out
+    task: str
+    label_map: Any  # the label map cleaning used (config.data.classes makes one)
+
+
+def source_splits(cfg: mc.ConfigDict) -> SourceSplits:
+    """The run's source tables split as ``load_dataset`` splits them, without the training and
+    validation rows that its leakage check removed."""
+    from ftlab.data import clean, loading, splitting, tables
+
+    d = cfg.data
+    frames = tables.load_tables(d)
+    first = frames["train"] if "train" in frames else next(iter(frames.values()))
+    task = loading.infer_task(first, d.task)
+    label_map = d.clean.label_map
+    if d.classes:
+        frames, label_map = loading._keep_classes(frames, tuple(d.classes))
+    splits = splitting.make_splits(
+        frames,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        seed=d.split_seed,
+        stratify=d.stratify and task == "classification",
+    )
+    if d.clean.leakage:
+        # The steps before the leakage check, as the run ran them, then the check itself.
+        before = {
+            **d.clean.to_dict(),
+            "label_map": label_map,
+            "leakage": "",
+            "outliers": "",
+            "normalise": "",
+            "image_size": (),
+        }
+        cleaned, _ = clean.clean(splits, before, task=task)
+        kept, _ = clean.check_leakage(cleaned, d.clean.leakage)
+        train_gone = cleaned.train.index.difference(kept.train.index)
+        val_gone = cleaned.val.index.difference(kept.val.index)
+        splits = splits.replace(
+            train=splits.train[~splits.train.index.isin(train_gone)],
+            val=splits.val[~splits.val.index.isin(val_gone)],
+        )
+    return SourceSplits(splits, task, label_map)
+
+
+def read_table(path: str | Path, what: str) -> pd.DataFrame:
+    """A csv / json(l) / parquet file or a folder of images as one frame (Hugging Face
+    ``datasets`` reads it, as for ``data.source='hf'``)."""
+    from ftlab.data import tables
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what}: no such file or directory '{path}'")
+    try:
+        loaded = tables.load_tables({"source": "hf", "path": str(path)})
+    except ConfigError as e:
+        raise InputError(f"{what}: cannot read '{path}': {e}") from None
+    frame = pd.concat(list(loaded.values()), ignore_index=True) if len(loaded) > 1 else None
+    frame = frame if frame is not None else next(iter(loaded.values())).reset_index(drop=True)
+    if not len(frame):
+        raise InputError(f"{what}: '{path}' has no rows")
+    return frame
+
+
+def _source_names(cfg: mc.ConfigDict, column: str) -> list[str]:
+    """The names a canonical column may have in a file: the run's source name, then its own."""
+    from ftlab.data.frames import FEATURE_PREFIX
+    from ftlab.data.tables import parse_mapping
+
+    mapping = parse_mapping(cfg.data.columns, "columns")
+    if column.startswith(FEATURE_PREFIX):
+        names = [column[len(FEATURE_PREFIX) :]]
+    else:
+        source = mapping.get(column, column)
+        names = [source] if isinstance(source, str) else []
+    return list(dict.fromkeys([*names, column]))
+
+
+OPTIONAL = {"group": "", "context": ""}  # filled when a file lacks them
+
+
+def canonical_rows(
+    cfg: mc.ConfigDict, frame: pd.DataFrame, columns: list[str], path: Path, what: str
+) -> pd.DataFrame:
+    """``frame``'s columns renamed to the run's canonical ``columns`` (in that order); a missing
+    one is an error naming it (``group`` and ``context`` are filled with "" instead)."""
+    found: dict[str, str] = {}
+    missing = []
+    for column in columns:
+        name = next((n for n in _source_names(cfg, column) if n in frame.columns), None)
+        if name is not None:
+            found[column] = name
+        elif column not in OPTIONAL:
+            missing.append((column, _source_names(cfg, column)[0]))
+    if missing:
+        shown = ", ".join(
+            f"'{source}'" + (f" (the run's {c!r})" if source != c else "") for c, source in missing
+        )
+        raise InputError(
+            f"{what}: '{path}' lacks the run's input column(s) {shown}; "
+            f"it has: {', '.join(map(str, frame.columns))}"
+        )
+    return pd.DataFrame(
+        {c: frame[found[c]] if c in found else OPTIONAL[c] for c in columns}, index=frame.index
+    )
+
+
+@dataclasses.dataclass
+class FileRows:
+    """A file's rows in the run's canonical columns, ready to take the test split's place."""
+
+    frame: pd.DataFrame
+    source: SourceSplits
+    labelled: bool  # False: predict (a placeholder label)
+
+
+def file_rows(cfg: mc.ConfigDict, path: str | Path, *, labelled: bool, what: str) -> FileRows:
+    """Read ``path`` and check it has the run's input columns (and labels when ``labelled``).
+
+    Unlabelled rows of a causal LM need only the prompt (``prompt``, optional ``context``;
+    ``text`` without a template): they are decoded, not scored."""
+    path = Path(path)
+    frame = read_table(path, what)  # before the source: a bad file fails fast
+    source = source_splits(cfg)
+    train = source.splits.train
+    columns = [str(c) for c in train.columns]
+    if not labelled and source.task == "causal_lm":
+        columns = ["prompt"] + (["context"] if "context" in columns else [])
+        if not cfg.data.template:
+            columns = ["text"]
+    elif not labelled:
+        columns = [c for c in columns if c != "label"]
+    rows = canonical_rows(cfg, frame, columns, path, what)
+    if not labelled and source.task in ("classification", "regression"):
+        # a placeholder the pipeline maps like any training label; never scored
+        rows["label"] = train["label"].iloc[0] if source.task == "classification" else 0.0
+        rows = rows[[c for c in train.columns if c in rows.columns]]
+    if labelled and cfg.data.classes and "label" in rows.columns:
+        keep = rows["label"].isin(tuple(cfg.data.classes))
+        if not keep.all():
+            log.info(
+                "%s: %d rows with labels outside config.data.classes skipped",
+                path,
+                int((~keep).sum()),
+            )
+        rows = rows[keep]
+    return FileRows(rows, source, labelled)
+
+
+def rows_dataset(cfg: mc.ConfigDict, rows: FileRows) -> tuple[Any, np.ndarray | None]:
+    """The run's Dataset with ``rows`` as its test split, through the run's pipeline.
+
+    Labelled rows are cleaned as test rows are (duplicates dropped too); unlabelled ones
+    (predict) are never dropped as duplicates, and the file row number of each test example
+    is returned with them (rows that cleaning rejects, malformed or missing a value, are left
+    out and logged)."""
+    from ftlab.data import load_dataset
+    from ftlab.data.clean import _is_missing
+
+    frame = rows.frame
+    if not rows.labelled:
+        frame = frame.assign(_row=np.arange(len(frame)))  # so that no two rows are duplicates
+    splits = rows.source.splits
+    data_cfg = copy.deepcopy(cfg.data)
+    apply_overrides(
+        data_cfg,
+        {
+            "source": "arrays",
+            "columns": "",
+            "splits": "",
+            "classes": (),
+            "clean.leakage": "",  # applied already (source_splits): these rows remove nothing
+            "clean.label_map": rows.source.label_map or "",
+        },
+    )
+    arrays = {"train": splits.train, "val": splits.val, "test": frame}
+    data = load_dataset(data_cfg, tokenizer=cfg.model.pretrained, arrays=arrays)
+    if rows.labelled:
+        return data, None
+    kept = np.ones(len(frame), bool)
+    for r in data.rejected:
+        if r.get("split") == "test":
+            kept[int(r["row"])] = False
+            log.warning("row %s not scored: %s (%s)", r["row"], r["reason"], r["column"])
+    if data_cfg.clean.missing:  # what handle_missing drops: a value left missing after filling
+        fill = data.clean_log.get("missing", {}).get("fill", {})
+        unfilled = frame.drop(columns=[c for c in fill if c in frame.columns])
+        missing = unfilled.map(_is_missing).any(axis=1).to_numpy() & kept
+        for i in np.flatnonzero(missing):
+            log.warning("row %d not scored: a missing value", i)
+        kept &= ~missing
+    if int(kept.sum()) != len(data.test):
+        raise RuntimeError(
+            f"{int(kept.sum())} rows expected through the data pipeline, {len(data.test)} came"
+        )
+    return data, np.flatnonzero(kept)
+
+
+def run_config_arg(cfg: mc.ConfigDict, overrides: list[tuple[str, str]]) -> mc.ConfigDict:
+    """The run's config with command-line overrides (a moved data file, say)."""
+    if overrides:
+        cfg = copy.deepcopy(cfg)
+        apply_overrides(cfg, overrides)
+        cfg.lock()
+    return cfg
+
+
+# -- predictions ---------------------------------------------------------------------------------
+
+
+def prediction_rows(restored: Restored, rows: np.ndarray) -> list[dict[str, Any]]:
+    """Per test example of the restored run's data: its file row, and the predicted class with
+    every class's probability, or the value(s) in the target's original units."""
+    run = restored.run
+    data = run.data
+    outputs = np.asarray(run.evaluate(restored.state, data.test, keep_outputs=True)["outputs"])
+    if data.task == "classification":
+        z = outputs.astype(np.float64) - outputs.max(-1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+        names = list(data.class_names)
+        return [
+            {
+                "row": int(row),
+                "label": names[int(p.argmax())],
+                **{f"prob_{name}": float(v) for name, v in zip(names, p)},
+            }
+            for row, p in zip(rows, probs)
+        ]
+    values = np.asarray(data.original_units(outputs), np.float64).reshape(len(rows), -1)
+    if values.shape[1] == 1:
+        return [{"row": int(r), "prediction": float(v[0])} for r, v in zip(rows, values)]
+    return [
+        {"row": int(r), **{f"prediction_{i}": float(x) for i, x in enumerate(v)}}
+        for r, v in zip(rows, values)
+    ]
+
+
+def generate_rows(restored: Restored, frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The restored causal LM's continuation of each row's prompt (formatted by the run's
+    template and tokenised as in training), decoded with the run's ``config.eval`` settings."""
+    from ftlab.data import text as text_lib
+    from ftlab.eval.generation_eval import prompt_ids
+
+    cfg, run = restored.cfg, restored.run
+    tokenizer = run.data.tokenizer
+    if cfg.data.template:
+        template = text_lib.load_template(cfg.data.template)
+        context = frame["context"] if "context" in frame.columns else [""] * len(frame)
+        shown = [str(p) for p in frame["prompt"]]
+        ids = [
+            prompt_ids(
+                tokenizer,
+                template,
+                {"instruction": p, "input": "" if pd.isna(c) else str(c), "output": ""},
+            )
+            for p, c in zip(shown, context)
+        ]
+    else:
+        shown = [str(t) for t in frame["text"]]
+        ids = text_lib.encode_formatted(tokenizer, shown, "")
+    texts = decode(restored, ids)
+    return [
+        {"row": int(i), "prompt": p, "output": t}
+        for i, p, t in zip(range(len(shown)), shown, texts)
+    ]
+
+
+def decode(restored: Restored, ids: list[list[int]]) -> list[str]:
+    """Generated text after each prompt (token ids), batched as evaluation decodes."""
+    from ftlab.eval.generate import generate
+
+    run, e = restored.run, restored.cfg.eval
+    tokenizer = run.data.tokenizer
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out: list[str] = []
+    for start in range(0, len(ids), e.batch_size):
+        chunk = ids[start : start + e.batch_size]
+        width = max(len(i) for i in chunk)
+        batch = np.full((e.batch_size, width), pad, np.int32)  # one shape: compiled once
+        mask = np.zeros((e.batch_size, width), np.int32)
+        for row, seq in enumerate(chunk):  # left-padded, as the KV cache wants
+            batch[row, width - len(seq) :] = seq
+            mask[row, width - len(seq) :] = 1
+        mask[len(chunk) :, -1] = 1  # filler rows need one real token
+        result = generate(
+            run.model,
+            None,
+            batch,
+            mask,
+            max_new_tokens=e.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            adapter=run.method,
+            trainable=restored.state.trainable,
+            frozen=restored.state.frozen,
+            num_beams=e.num_beams,
+            length_penalty=e.length_penalty,
+            no_repeat_ngram_size=e.no_repeat_ngram_size,
+        )
+        tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+        for row in range(len(chunk)):
+            new = [t for t in tokens[row, : lengths[row]].tolist() if t != eos]
+            out.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    return out
+
+
+def write_records(records: list[dict[str, Any]], output: Path | None) -> None:
+    """jsonl to stdout or ``output`` (csv when it ends in .csv)."""
+    import sys
+
+    if output is not None and output.suffix.lower() == ".csv":
+        pd.DataFrame.from_records(records).to_csv(output, index=False)
+        return
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    if output is None:
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+    else:
+        output.write_text(lines)

@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
 from pathlib import Path
 
 from ftlab.config import ConfigError, apply_overrides, config_name, load_config, split_config_args
@@ -74,7 +75,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="ftlab",
-        description=__doc__.split("\n\n", 1)[1].split("\n\nExit codes")[0],
+        description=__doc__.split("\n\n", 1)[1].split("\n\nExit codes")[0].replace("``", ""),
         epilog="Exit codes: 0 done, 1 training failed / plan does not fit, 2 bad config or "
         "input, 130 interrupted. `ftlab COMMAND --help` for each command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -85,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         return sub.add_parser(
             name,
             help=help,
-            description=description,
+            description=textwrap.fill(description, 88),
             epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -256,7 +257,8 @@ def default_workdir(spec: str) -> Path:
 
 def _train(args, spec, overrides, log) -> int:
     spec, cfg = _config(args, spec, overrides)
-    if args.command == "sweep" and not (cfg.stages or cfg.variants or cfg.get("sweep")):
+    sweeps = "sweep" in cfg and any(bool(v) for v in cfg.sweep.values())
+    if args.command == "sweep" and not (cfg.stages or cfg.variants or sweeps):
         raise ConfigError(
             f"{spec} declares no stages, variants or sweep: nothing to sweep; "
             "`ftlab train` runs a single config"
@@ -274,27 +276,11 @@ def _train(args, spec, overrides, log) -> int:
 
 
 def _list(args, spec, overrides, log) -> int:
-    spec, cfg = _config(args, spec, overrides)
-    from ftlab import experiment
+    _, cfg = _config(args, spec, overrides)
+    from ftlab.experiment import describe
 
-    describe = getattr(experiment, "describe", None)
-    print(describe(cfg) if describe is not None else _describe(cfg, spec))
+    print(describe(cfg), end="")
     return 0
-
-
-def _describe(cfg, spec: str) -> str:
-    """Stages and variants (with their overrides and seeds), when ``experiment`` has no
-    ``describe`` of its own."""
-    lines = [f"{spec}: task data {cfg.data.source}:{cfg.data.name or cfg.data.path}"]
-    if not cfg.stages and not cfg.variants:
-        lines.append(f"one run: method {cfg.method.name}, model {cfg.model.name}")
-    for kind, items in (("stage", cfg.stages), ("variant", cfg.variants)):
-        for name, changes in items:
-            shown = ", ".join(f"{k}={v!r}" for k, v in dict(changes).items()) or "(the base)"
-            lines.append(f"{kind} {name}: {shown}")
-    if cfg.variant_seeds:
-        lines.append(f"each variant over seeds {list(cfg.variant_seeds)}")
-    return "\n".join(lines)
 
 
 def _plan(args, spec, overrides, log) -> int:
@@ -329,14 +315,9 @@ def _run(args, spec, overrides):
     return run_dir, cfg, which
 
 
-def _data_errors():
-    from ftlab.data.frames import DataError
-
-    return (DataError,)
-
-
 def _eval(args, spec, overrides, log) -> int:
     from ftlab import saved_run
+    from ftlab.data.frames import DataError
 
     run_dir, cfg, which = _run(args, spec, overrides)
     rows, data, name = None, None, args.split
@@ -350,11 +331,13 @@ def _eval(args, spec, overrides, log) -> int:
         try:
             rows = saved_run.file_rows(cfg, path, labelled=True, what="--split")
             data, _ = saved_run.rows_dataset(cfg, rows)
-        except _data_errors() as e:
+        except DataError as e:
             raise saved_run.InputError(f"--split: {path}: {e}") from None
     restored = saved_run.restore(run_dir, cfg, which, data)
     run = restored.run
     split = run.data.test if rows is not None else getattr(run.data, args.split)
+    if not len(split) and rows is not None:
+        raise saved_run.InputError(f"--split: no row of '{args.split}' is left after cleaning")
     if not len(split):
         raise saved_run.InputError(
             f"the run has no {args.split} examples (data.{args.split}_fraction is 0?); "
@@ -402,6 +385,7 @@ def _eval(args, spec, overrides, log) -> int:
 
 def _predict(args, spec, overrides, log) -> int:
     from ftlab import saved_run
+    from ftlab.data.frames import DataError
 
     run_dir, cfg, which = _run(args, spec, overrides)
     output = Path(args.output) if args.output else None
@@ -413,14 +397,14 @@ def _predict(args, spec, overrides, log) -> int:
             data, positions = None, None
         else:
             data, positions = saved_run.rows_dataset(cfg, rows)
-    except _data_errors() as e:
+    except DataError as e:
         raise saved_run.InputError(f"--input: {args.input}: {e}") from None
     restored = saved_run.restore(run_dir, cfg, which, data)
     if rows.source.task == "causal_lm":
         records = saved_run.generate_rows(restored, rows.frame)
     else:
         records = saved_run.prediction_rows(restored, positions)
-    saved_run.write_records(records, output)
+    saved_run.write_records(rows.named(records), output)
     if output is not None:
         log.info("%d predictions written to %s", len(records), output)
     return 0

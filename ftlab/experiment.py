@@ -221,7 +221,7 @@ def run_experiment(cfg: mc.ConfigDict, workdir: str | Path) -> dict:
         jobs.append((p, run, done))
     todo = sum(done is None for _, _, done in jobs)
     log.info(
-        "experiment: %d runs (%d stages, %d variant runs), %d to train, %d finished",
+        "experiment: %d runs (%d stage runs, %d variant runs), %d to train, %d finished",
         len(jobs),
         len(cfg.stages),
         len(jobs) - len(cfg.stages),
@@ -251,14 +251,13 @@ def run_experiment(cfg: mc.ConfigDict, workdir: str | Path) -> dict:
 
 
 def _write_report(workdir: Path, results: dict[str, list[dict]], table_md: str) -> None:
-    """The experiment's report.md / report.html, once ``ftlab.eval.report.write_report``
-    exists (until then nothing is written)."""
-    from ftlab.eval import report
+    """The experiment's report.md / report.html: the comparison, then every variant's curves,
+    confusion matrices, analysis, verdict and data report (first seed's pictures)."""
+    from ftlab.eval.run_report import write_report
 
-    write = getattr(report, "write_report", None)
-    if write is None:
-        return
-    write(workdir, results, table_md)
+    runs = {name: [Path(r["workdir"]) for r in rs] for name, rs in results.items()}
+    images = [workdir / "comparison.png"] if (workdir / "comparison.png").exists() else []
+    write_report(workdir, workdir.name, runs, table_md, images)
 
 
 def _overrides_text(overrides: dict) -> str:

@@ -10,10 +10,10 @@ Rows from a file (``eval --split FILE``, ``predict --input FILE``) go through th
 data pipeline: the run's source is loaded and split as in training, and the file's rows take
 the test split's place (``rows_dataset``), so every statistic (imputation, scaling,
 normalisation, target standardisation, the label map, the tokenizer) is the one fitted on the
-run's training split. The one difference from the original run: the training and validation
-rows that the leakage check removed are taken out before cleaning rather than after the
-missing-value step, so ``data.clean.missing`` imputation statistics may differ when both the
-leakage check removed rows and those rows had missing values.
+run's training split, and the training and validation splits come out exactly as the run's.
+(One exception: the rows the run's leakage check removed, and their duplicates, are taken out
+before cleaning here, as the file's rows must not remove any; so ``data.clean.missing``
+imputation statistics differ when such rows had values missing.)
 
 Every check on the command's input (the directory, its config, its checkpoints, the split,
 the file and its columns) comes before anything is built; nothing in the run directory is
@@ -153,10 +153,10 @@ def restore(run_dir: Path, cfg: mc.ConfigDict, which: Checkpoint, data: Any = No
         best_mode=cfg.early_stopping.mode,
     )
     try:
-        if which.kind == "best" and which.name == "best":
-            state, _, _ = ckpts.restore_best(run.state)
-        elif which.kind == "best":
-            state, _ = ckpts._restore(ckpts._best, run.state, which.step)
+        if which.kind == "best":  # the one kept there
+            state, _, step = ckpts.restore_best(run.state)
+            if step != which.step:
+                raise InputError(f"--checkpoint: the best checkpoint is step {step}")
         else:
             state, _ = ckpts.restore(run.state, which.step)
     finally:
@@ -190,7 +190,7 @@ class SourceSplits:
 def source_splits(cfg: mc.ConfigDict) -> SourceSplits:
     """The run's source tables split as ``load_dataset`` splits them, without the training and
     validation rows that its leakage check removed."""
-    from ftlab.data import clean, loading, splitting, tables
+    from ftlab.data import loading, splitting, tables
 
     d = cfg.data
     frames = tables.load_tables(d)
@@ -207,27 +207,44 @@ def source_splits(cfg: mc.ConfigDict) -> SourceSplits:
         stratify=d.stratify and task == "classification",
     )
     if d.clean.leakage:
-        # The steps before the leakage check, as the run ran them, then the check itself.
-        before = {
-            **d.clean.to_dict(),
-            "label_map": label_map,
-            "leakage": "",
-            "outliers": "",
-            "normalise": "",
-            "image_size": (),
-        }
-        cleaned, _ = clean.clean(splits, before, task=task)
-        kept, _ = clean.check_leakage(cleaned, d.clean.leakage)
-        train_gone = cleaned.train.index.difference(kept.train.index)
-        val_gone = cleaned.val.index.difference(kept.val.index)
-        splits = splits.replace(
-            train=splits.train[~splits.train.index.isin(train_gone)],
-            val=splits.val[~splits.val.index.isin(val_gone)],
-        )
+        splits = _without_leaked(splits, d.clean, label_map, task)
     return SourceSplits(splits, task, label_map)
 
 
-def read_table(path: str | Path, what: str) -> pd.DataFrame:
+def _without_leaked(splits: Any, clean_cfg: mc.ConfigDict, label_map: Any, task: str) -> Any:
+    """``splits`` less the training and validation rows that the run's leakage check removed,
+    with their duplicates (which the duplicate step had removed first)."""
+    from ftlab.data import clean
+    from ftlab.data.frames import fingerprints
+
+    # the steps before the duplicate and leakage checks, as the run ran them, then those two
+    before = {
+        **clean_cfg.to_dict(),
+        "label_map": label_map,
+        "duplicates": False,
+        "leakage": "",
+        "outliers": "",
+        "normalise": "",
+        "image_size": (),
+    }
+    cleaned, _ = clean.clean(splits, before, task=task)
+    deduped = clean.drop_duplicates(cleaned)[0] if clean_cfg.duplicates else cleaned
+    kept, _ = clean.check_leakage(deduped, clean_cfg.leakage)
+
+    def without(raw: pd.DataFrame, rows: pd.DataFrame, before_check, after_check):
+        gone = before_check.index.difference(after_check.index)
+        digests = fingerprints(rows, rows.columns)
+        leaked = set(digests[rows.index.isin(gone)])
+        drop = rows.index[[digest in leaked for digest in digests]]
+        return raw[~raw.index.isin(drop)]
+
+    return splits.replace(
+        train=without(splits.train, cleaned.train, deduped.train, kept.train),
+        val=without(splits.val, cleaned.val, deduped.val, kept.val),
+    )
+
+
+def read_table(path: str | Path, what: str, cache_dir: str = "") -> pd.DataFrame:
     """A csv / json(l) / parquet file or a folder of images as one frame (Hugging Face
     ``datasets`` reads it, as for ``data.source='hf'``)."""
     from ftlab.data import tables
@@ -236,11 +253,10 @@ def read_table(path: str | Path, what: str) -> pd.DataFrame:
     if not path.exists():
         raise InputError(f"{what}: no such file or directory '{path}'")
     try:
-        loaded = tables.load_tables({"source": "hf", "path": str(path)})
+        loaded = tables.load_tables({"source": "hf", "path": str(path), "cache_dir": cache_dir})
     except ConfigError as e:
         raise InputError(f"{what}: cannot read '{path}': {e}") from None
-    frame = pd.concat(list(loaded.values()), ignore_index=True) if len(loaded) > 1 else None
-    frame = frame if frame is not None else next(iter(loaded.values())).reset_index(drop=True)
+    frame = pd.concat(list(loaded.values()), ignore_index=True)  # an image folder's splits
     if not len(frame):
         raise InputError(f"{what}: '{path}' has no rows")
     return frame
@@ -281,7 +297,7 @@ def canonical_rows(
             f"'{source}'" + (f" (the run's {c!r})" if source != c else "") for c, source in missing
         )
         raise InputError(
-            f"{what}: '{path}' lacks the run's input column(s) {shown}; "
+            f"{what}: '{path}' lacks the column(s) the run needs: {shown}; "
             f"it has: {', '.join(map(str, frame.columns))}"
         )
     return pd.DataFrame(
@@ -296,6 +312,13 @@ class FileRows:
     frame: pd.DataFrame
     source: SourceSplits
     labelled: bool  # False: predict (a placeholder label)
+    files: list[str] | None = None  # an image folder's file per row
+
+    def named(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``records`` (each with its ``row``) with the image file of the row, if any."""
+        if self.files is None:
+            return records
+        return [{"row": r["row"], "file": self.files[r["row"]], **r} for r in records]
 
 
 def file_rows(cfg: mc.ConfigDict, path: str | Path, *, labelled: bool, what: str) -> FileRows:
@@ -304,7 +327,7 @@ def file_rows(cfg: mc.ConfigDict, path: str | Path, *, labelled: bool, what: str
     Unlabelled rows of a causal LM need only the prompt (``prompt``, optional ``context``;
     ``text`` without a template): they are decoded, not scored."""
     path = Path(path)
-    frame = read_table(path, what)  # before the source: a bad file fails fast
+    frame = read_table(path, what, cfg.data.cache_dir)  # before the source: fails fast
     source = source_splits(cfg)
     train = source.splits.train
     columns = [str(c) for c in train.columns]
@@ -315,6 +338,13 @@ def file_rows(cfg: mc.ConfigDict, path: str | Path, *, labelled: bool, what: str
     elif not labelled:
         columns = [c for c in columns if c != "label"]
     rows = canonical_rows(cfg, frame, columns, path, what)
+    if not labelled and source.task == "causal_lm":
+        empty = rows[columns[0]].isna().to_numpy()
+        if empty.any():
+            raise InputError(
+                f"{what}: '{path}' row {int(np.flatnonzero(empty)[0])} has no {columns[0]!r} "
+                "to continue"
+            )
     if not labelled and source.task in ("classification", "regression"):
         # a placeholder the pipeline maps like any training label; never scored
         rows["label"] = train["label"].iloc[0] if source.task == "classification" else 0.0
@@ -328,7 +358,28 @@ def file_rows(cfg: mc.ConfigDict, path: str | Path, *, labelled: bool, what: str
                 int((~keep).sum()),
             )
         rows = rows[keep]
-    return FileRows(rows, source, labelled)
+    return FileRows(rows, source, labelled, _image_files(path, cfg.data.cache_dir))
+
+
+def _image_files(path: Path, cache_dir: str) -> list[str] | None:
+    """The file of each row of an image folder, in the order ``read_table`` gave the rows."""
+    if not path.is_dir():
+        return None
+    import datasets
+
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir or None)
+    files = []
+    for split in loaded.values():
+        split = split.cast_column("image", datasets.Image(decode=False))
+        files += [_relative(Path(v["path"]), path.resolve()) for v in split["image"]]
+    return files
+
+
+def _relative(file: Path, folder: Path) -> str:
+    try:
+        return str(file.relative_to(folder))
+    except ValueError:
+        return str(file)
 
 
 def rows_dataset(cfg: mc.ConfigDict, rows: FileRows) -> tuple[Any, np.ndarray | None]:

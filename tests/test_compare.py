@@ -133,9 +133,13 @@ def test_causal_lm_with_generation_uses_bleu_and_before_training():
     assert rows["before training"]["trainable params"] == "–"
     assert rows["full"]["test chrF"] == "–"
     assert rows["full"]["Δ BLEU vs lora (paired)"] == "+2.500"
-    assert rows["lora"]["BLEU gain vs before"] == "+39.000"
+    assert rows["lora"]["Δ BLEU vs before"] == "+39.000"
     assert rows["lora"]["peak memory"] == "200.0 MiB"
     assert "higher is better" in render(comparison)
+    # the starting model is scored without decoding (no BLEU): its change is in perplexity
+    before["test"].pop("bleu")
+    _, rows = header_and_rows(render(compare(results)))
+    assert rows["lora"]["Δ perplexity vs before"] == "-140.600"
 
 
 def test_task_inferred_from_metric_names_and_val_when_no_test():

@@ -18,7 +18,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def first(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("first")
-    cfg = tiny_config(**{"train.num_steps": 10})
+    cfg = tiny_config(**{"train.num_steps": 10, "eval.label_issues": True})
     return cfg, workdir, train(cfg, workdir)
 
 
@@ -47,6 +47,9 @@ def test_log_and_data_report_are_written(first):
     assert report["splits"]["train"]["size"] > 0
     assert "cleaning" in report and report["rejected_rows"] == 0
     assert (workdir / "report.html").exists() and (workdir / "report.md").exists()
+    rows = (workdir / "label_issues.csv").read_text().splitlines()
+    assert rows[0].startswith("index,given_label,suggested_label,self_confidence")
+    assert len(rows) - 1 == summary["label_issues"]["flagged"] < summary["label_issues"]["of"]
 
 
 def test_a_finished_run_is_left_alone(first):

@@ -237,6 +237,9 @@ def compare(
         metric_cols = [("loss", "loss")]
     with_before = any(_before(r, held_out(r)[0]) for r in first)
     with_gain = any(_before(r, held_out(r)[0]) for r in every)
+    # the starting model is scored without decoding: no BLEU there, so compare perplexity
+    starts = [_before(r, held_out(r)[0]) or {} for r in every]
+    gain_metric = primary if any(primary in s for s in starts) else PRIMARY.get(task, "loss")
     many_seeds = any(len(runs) > 1 for runs in results.values())
 
     def metric_cells(summaries: list[dict], use_before: bool = False) -> dict:
@@ -248,12 +251,12 @@ def compare(
 
     rows = []
     if with_before:
-        starts = [r for r in first if _before(r, held_out(r)[0])]
+        started = [r for r in first if _before(r, held_out(r)[0])]
         rows.append(
             {
                 "variant": BEFORE_ROW,
-                "seeds": len(starts),
-                **metric_cells(starts, use_before=True),
+                "seeds": len(started),
+                **metric_cells(started, use_before=True),
                 "steps": 0,
             }
         )
@@ -266,7 +269,7 @@ def compare(
                 "delta": "(baseline)"
                 if name == baseline
                 else _paired(runs, results[baseline], primary),
-                "gain": _gain(runs, primary),
+                "gain": _gain(runs, gain_metric),
                 "trainable": runs[0].get("trainable_params"),
                 "share": _share(runs[0].get("trainable_params"), runs[0].get("total_params")),
                 "total": runs[0].get("total_params"),
@@ -285,7 +288,7 @@ def compare(
     columns += [(f"m_{k}", f"{split} {header}", "") for k, header in metric_cols]
     columns.append(("delta", f"Δ {label} vs {baseline} (paired)", ""))
     if with_gain:
-        columns.append(("gain", f"{label} gain vs before", ""))
+        columns.append(("gain", f"Δ {LABELS.get(gain_metric, gain_metric)} vs before", ""))
     columns += [
         ("trainable", "trainable params", ",d"),
         ("share", "trainable %", ""),
@@ -314,7 +317,8 @@ def compare(
     if with_before:
         notes.append(
             f"'{BEFORE_ROW}': {names[0]}'s starting model scored before its first step; "
-            f"the gain is each run's {label} minus its own starting model's."
+            f"Δ vs before is each run's {LABELS.get(gain_metric, gain_metric)} minus its own "
+            "starting model's."
         )
     if len(tasks) > 1:
         notes.append(f"Runs of different tasks: {', '.join(tasks)}.")

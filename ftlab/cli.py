@@ -365,7 +365,7 @@ def _eval(args, spec, overrides, log) -> int:
                 saved_run.new_file(eval_dir, f"{stem}_generations", ".jsonl"),
             )
         )
-    from ftlab.train.run_files import jsonable
+    from ftlab.tree import jsonable
 
     result = {
         "run": str(run_dir),

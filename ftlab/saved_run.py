@@ -502,41 +502,18 @@ def generate_rows(restored: Restored, frame: pd.DataFrame) -> list[dict[str, Any
 
 def decode(restored: Restored, ids: list[list[int]]) -> list[str]:
     """Generated text after each prompt (token ids), batched as evaluation decodes."""
-    from ftlab.eval.generate import generate
+    from ftlab.eval.generation_eval import decode_prompts
 
-    run, e = restored.run, restored.cfg.eval
-    tokenizer = run.data.tokenizer
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    out: list[str] = []
-    for start in range(0, len(ids), e.batch_size):
-        chunk = ids[start : start + e.batch_size]
-        width = max(len(i) for i in chunk)
-        batch = np.full((e.batch_size, width), pad, np.int32)  # one shape: compiled once
-        mask = np.zeros((e.batch_size, width), np.int32)
-        for row, seq in enumerate(chunk):  # left-padded, as the KV cache wants
-            batch[row, width - len(seq) :] = seq
-            mask[row, width - len(seq) :] = 1
-        mask[len(chunk) :, -1] = 1  # filler rows need one real token
-        result = generate(
-            run.model,
-            None,
-            batch,
-            mask,
-            max_new_tokens=e.max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            adapter=run.method,
-            trainable=restored.state.trainable,
-            frozen=restored.state.frozen,
-            num_beams=e.num_beams,
-            length_penalty=e.length_penalty,
-            no_repeat_ngram_size=e.no_repeat_ngram_size,
-        )
-        tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
-        for row in range(len(chunk)):
-            new = [t for t in tokens[row, : lengths[row]].tolist() if t != eos]
-            out.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-    return out
+    run = restored.run
+    return decode_prompts(
+        run.model,
+        run.method,
+        restored.state.trainable,
+        restored.state.frozen,
+        ids,
+        run.data.tokenizer,
+        restored.cfg.eval,
+    )
 
 
 def write_records(records: list[dict[str, Any]], output: Path | None) -> None:

@@ -28,3 +28,21 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 def count(tree: Tree) -> int:
     """Number of scalars in a tree of arrays (or of ShapeDtypeStructs)."""
     return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in flatten(tree).values()))
+
+
+def jsonable(value: Any) -> Any:
+    """Nested dicts and lists with numpy scalars and arrays as plain JSON values: keys as
+    strings, NaN/inf as None (JSON has neither), anything else unknown as its text."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

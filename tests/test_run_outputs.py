@@ -23,7 +23,7 @@ def first(tmp_path_factory):
 
 
 def test_summary_has_before_speed_and_task(first):
-    cfg, workdir, summary = first
+    _cfg, workdir, _summary = first
     saved = json.loads((workdir / "summary.json").read_text())
     assert saved["task"] == "classification" and len(saved["class_names"]) == 5
     assert saved["examples_per_sec"] > 0 and saved["tokens_per_sec"] is None
@@ -53,7 +53,7 @@ def test_log_and_data_report_are_written(first):
 
 
 def test_a_finished_run_is_left_alone(first):
-    cfg, workdir, summary = first
+    cfg, workdir, _summary = first
     files = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
     again = train(cfg, workdir)
     assert again["test"] == json.loads((workdir / "summary.json").read_text())["test"]
@@ -69,11 +69,12 @@ def test_refinetuning_from_a_run_directory_records_lineage(first, tmp_path):
     (entry,) = summary["lineage"]
     assert entry["run"] == str(parent.resolve())
     assert entry["scores"]["accuracy"] == parent_summary["test"]["accuracy"]
-    grandchild = tiny_config(
-        **{"train.num_steps": 3, "init.checkpoint": str(tmp_path / "child")}
-    )
+    grandchild = tiny_config(**{"train.num_steps": 3, "init.checkpoint": str(tmp_path / "child")})
     lineage = train(grandchild, tmp_path / "grandchild")["lineage"]
-    assert [e["run"] for e in lineage] == [str((tmp_path / "child").resolve()), str(parent.resolve())]
+    assert [e["run"] for e in lineage] == [
+        str((tmp_path / "child").resolve()),
+        str(parent.resolve()),
+    ]
 
 
 def test_init_checkpoint_that_is_no_run_is_a_config_error(tmp_path):

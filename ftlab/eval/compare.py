@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ftlab import tree
 from ftlab.config import ConfigError
 from ftlab.eval import plots
 from ftlab.eval.report import markdown_table
@@ -331,20 +332,6 @@ def render(comparison: Comparison) -> str:
     return table + "\n" + "\n".join(comparison.notes) + "\n"
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer, np.floating, np.bool_)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
 def _read_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
     from ftlab.train.writer import read_metrics
 
@@ -373,7 +360,7 @@ def write_comparison(
     text = render(comparison)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(text)
-    (out_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=2))
+    (out_dir / "results.json").write_text(json.dumps(tree.jsonable(results), indent=2))
     series = {}
     for name, runs in results.items():
         where = runs[0].get("workdir")

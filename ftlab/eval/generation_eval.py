@@ -38,6 +38,50 @@ def prompt_ids(tokenizer: Any, template: Any, record: dict[str, str]) -> list[in
     return text_lib.encode_formatted(tokenizer, [prompt], template)[0]
 
 
+def decode_prompts(
+    model: Any,
+    method: Any,
+    trainable: Any,
+    frozen: Any,
+    ids: list[list[int]],
+    tokenizer: Any,
+    cfg: Any,
+) -> list[str]:
+    """The text generated after each prompt (token ids) with ``config.eval``'s decoding
+    settings, in fixed-size left-padded batches (the decoder compiles once)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    texts: list[str] = []
+    for start in range(0, len(ids), cfg.batch_size):
+        chunk = ids[start : start + cfg.batch_size]
+        width = max(len(i) for i in chunk)
+        batch = np.full((cfg.batch_size, width), pad, np.int32)
+        mask = np.zeros((cfg.batch_size, width), np.int32)
+        for row, seq in enumerate(chunk):  # left-padded, as the KV cache wants
+            batch[row, width - len(seq) :] = seq
+            mask[row, width - len(seq) :] = 1
+        mask[len(chunk) :, -1] = 1  # filler rows need one real token
+        out = generate(
+            model,
+            None,
+            batch,
+            mask,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            adapter=method,
+            trainable=trainable,
+            frozen=frozen,
+            num_beams=cfg.num_beams,
+            length_penalty=cfg.length_penalty,
+            no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+        )
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        for row in range(len(chunk)):
+            new = [t for t in tokens[row, : lengths[row]].tolist() if t != eos]
+            texts.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    return texts
+
+
 def evaluate_generation(
     model: Any,
     method: Any,
@@ -52,41 +96,13 @@ def evaluate_generation(
     """Decode ``cfg.generate_examples`` distinct prompts (``config.eval``) and score them."""
     template = text_lib.load_template(template_spec)
     groups = grouped_prompts(split, cfg.generate_examples)
-    eos = tokenizer.eos_token_id
-    hypotheses, references, rows = [], [], []
-    for start in range(0, len(groups), cfg.batch_size):
-        chunk = groups[start : start + cfg.batch_size]
-        ids = [prompt_ids(tokenizer, template, record) for record, _ in chunk]
-        width = max(len(i) for i in ids)
-        size = cfg.batch_size  # one shape: the decoder compiles once
-        batch = np.full((size, width), tokenizer.pad_token_id, np.int32)
-        mask = np.zeros((size, width), np.int32)
-        for row, seq in enumerate(ids):  # left-padded, as the KV cache wants
-            batch[row, width - len(seq) :] = seq
-            mask[row, width - len(seq) :] = 1
-        mask[len(ids) :, -1] = 1  # filler rows need one real token
-        out = generate(
-            model,
-            None,
-            batch,
-            mask,
-            max_new_tokens=cfg.max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=tokenizer.pad_token_id,
-            adapter=method,
-            trainable=trainable,
-            frozen=frozen,
-            num_beams=cfg.num_beams,
-            length_penalty=cfg.length_penalty,
-            no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-        )
-        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        for row, (record, refs) in enumerate(chunk):
-            new = [t for t in tokens[row, : lengths[row]].tolist() if t != eos]
-            text = tokenizer.decode(new, skip_special_tokens=True).strip()
-            hypotheses.append(text)
-            references.append(refs)
-            rows.append({"prompt": record["instruction"], "output": text, "references": refs})
+    ids = [prompt_ids(tokenizer, template, record) for record, _ in groups]
+    hypotheses = decode_prompts(model, method, trainable, frozen, ids, tokenizer, cfg)
+    references = [refs for _, refs in groups]
+    rows = [
+        {"prompt": record["instruction"], "output": text, "references": refs}
+        for (record, refs), text in zip(groups, hypotheses)
+    ]
     scores = {
         "bleu": text_metrics.bleu(hypotheses, references),
         "chrf": text_metrics.chrf(hypotheses, references),

@@ -31,7 +31,7 @@ from ftlab.data import Dataset, Split, augment, load_dataset, pipeline
 from ftlab.data.batches import eval_batches, nest
 from ftlab.data.loading import write_rejects
 from ftlab.eval import metrics as metrics_lib
-from ftlab.eval import plots, text_metrics
+from ftlab.eval import text_metrics
 from ftlab.methods import Method, build_method
 from ftlab.methods.select import by_regexes
 from ftlab.models import build_model
@@ -41,7 +41,7 @@ from ftlab.schema import validate
 from ftlab.train import losses, optim, run_files
 from ftlab.train.state import TrainState
 from ftlab.train.step import make_eval_step, make_train_step
-from ftlab.train.writer import MetricWriter, read_metrics
+from ftlab.train.writer import MetricWriter
 
 log = logging.getLogger("ftlab")
 
@@ -516,7 +516,7 @@ def _train(
     step = int(state.step)
     pending: list[tuple[int, dict]] = []
     window_start, window_steps = time.time(), 0
-    speed = _Speed(cfg.train.batch_size, run_files.tokens_per_example(data))
+    speed = run_files.Speed(cfg.train.batch_size, run_files.tokens_per_example(data))
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -676,47 +676,9 @@ def _train(
     }
     _save_final(cfg, workdir, data, method, state)  # every process: collective saves
     if jax.process_index() == 0:
-        _write_outputs(cfg, workdir, summary, data, outputs)
+        run_files.write_outputs(cfg, workdir, summary, data, outputs)
     log.info("done: %s", metrics_lib.scalars(test or val))
     return summary
-
-
-class _Speed:
-    """Training throughput over the steps after the first (which compiles), with evaluation
-    and checkpointing excluded: the rate a longer run would see."""
-
-    def __init__(self, batch_size: int, tokens_per_example: int | None):
-        self.batch_size, self.tokens = batch_size, tokens_per_example
-        self.steps, self.seconds = 0, 0.0
-        self.started: float | None = None
-        self.first = True
-
-    def stepped(self, metrics) -> None:
-        if self.first:  # wait for the compiled first step; time from there on
-            jax.block_until_ready(metrics)
-            self.first = False
-            self.started = time.perf_counter()
-            return
-        if self.started is None:
-            self.started = time.perf_counter()
-        self.steps += 1
-
-    def pause(self, state) -> None:
-        if self.started is not None:
-            jax.block_until_ready(state)
-            self.seconds += time.perf_counter() - self.started
-            self.started = None
-
-    def resume(self) -> None:
-        if self.started is None and not self.first:
-            self.started = time.perf_counter()
-
-    def summary(self) -> dict:
-        rate = self.steps * self.batch_size / self.seconds if self.steps and self.seconds else None
-        return {
-            "examples_per_sec": rate,
-            "tokens_per_sec": rate * self.tokens if rate and self.tokens else None,
-        }
 
 
 def _before_training(
@@ -739,7 +701,7 @@ def _before_training(
     writer.write(0, scalars)
     log.info("before training: %s", scalars)
     if jax.process_index() == 0:
-        path.write_text(json.dumps(run_files.jsonable(before), indent=2))
+        path.write_text(json.dumps(tree.jsonable(before), indent=2))
     return before
 
 
@@ -817,68 +779,3 @@ def _save_final(
     if state.model_state and not (workdir / "model_state").exists():
         checkpoint.save_pytree(workdir / "model_state", state.model_state)
     _export(cfg, workdir, data, method, state)
-
-
-def _write_outputs(
-    cfg: mc.ConfigDict, workdir: Path, summary: dict, data: Dataset, outputs: np.ndarray | None
-) -> None:
-    """summary.json, plots, the analysis of the held-out predictions, the fit verdict, label
-    issues, the data report and report.md / report.html (process 0)."""
-    from ftlab.eval import analysis, diagnosis
-    from ftlab.eval.run_report import write_report
-
-    records = read_metrics(workdir / "metrics.jsonl")
-    summary["verdict"] = diagnosis.fit_verdict(records, chance_loss=run_files.chance_loss(data))
-    if summary["verdict"]["verdict"] in ("overfitting", "underfitting"):
-        log.warning("%s: %s", summary["verdict"]["verdict"], summary["verdict"]["evidence"])
-    split_name, split = run_files.held_out(data)
-    if data.task == "classification" and outputs is not None:
-        summary["analysis"] = analysis.run_analysis(
-            workdir,
-            split_name,
-            split.labels,
-            run_files.softmax(outputs),
-            data.class_names,
-            split.inputs,
-            {k: v for k, v in split.text.items() if k != "group"},
-            groups=split.text.get("group"),
-            fairness_threshold=cfg.eval.fairness_threshold,
-        )
-    if cfg.eval.label_issues and data.task == "classification":
-        summary["label_issues"] = _label_issues(cfg, workdir, data)
-    summary["environment"] = analysis.environment()
-    run_files.write_data_report(workdir, cfg, data, summary["steps"])
-    (workdir / "summary.json").write_text(json.dumps(run_files.jsonable(summary), indent=2))
-    plots.plot_history(records, workdir / "learning_curves.png", workdir.name)
-    final = summary["test"] or summary["val"]
-    if "confusion_matrix" in final:
-        plots.plot_confusion_matrix(
-            np.array(final["confusion_matrix"]),
-            data.class_names,
-            workdir / "confusion_matrix.png",
-            f"{workdir.name}: {split_name} confusion matrix",
-        )
-    write_report(workdir, workdir.name, {workdir.name: [workdir]})
-
-
-def _label_issues(cfg: mc.ConfigDict, workdir: Path, data: Dataset) -> dict:
-    """Confident learning over out-of-fold predictions of a simple model on the training split:
-    ``label_issues.csv`` lists the rows to review before retraining."""
-    from ftlab.data import label_issues
-
-    features = label_issues.featurize(data.train.inputs)
-    probs = label_issues.out_of_fold_probs(
-        features,
-        data.train.labels,
-        data.num_outputs,
-        folds=cfg.eval.label_issue_folds,
-        seed=cfg.seed,
-    )
-    issues = label_issues.find_label_issues(probs, data.train.labels)
-    path = workdir / "label_issues.csv"
-    label_issues.write_label_issues(path, issues, data.class_names)
-    flagged = len(issues["index"]) if isinstance(issues, dict) else len(issues)
-    log.info(
-        "label issues: %d of %d training rows flagged, listed in %s", flagged, len(data.train), path
-    )
-    return {"flagged": flagged, "of": len(data.train), "file": path.name}

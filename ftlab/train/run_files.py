@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +17,13 @@ import jax
 import ml_collections as mc
 import numpy as np
 
+from ftlab import tree
 from ftlab.config import ConfigError
 from ftlab.data import Dataset, Split
+from ftlab.eval import plots
+from ftlab.train.writer import read_metrics
 
 log = logging.getLogger("ftlab")
-
-
-def jsonable(value: Any) -> Any:
-    """Numpy scalars, arrays and non-string keys as plain JSON values (recursively)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 class RunLog(logging.Handler):
@@ -115,7 +104,7 @@ def write_data_report(workdir: Path, cfg: mc.ConfigDict, data: Dataset, steps: i
             },
             "augmented_examples": steps * cfg.train.batch_size,
         }
-    (workdir / "data_report.json").write_text(json.dumps(jsonable(report), indent=2))
+    (workdir / "data_report.json").write_text(json.dumps(tree.jsonable(report), indent=2))
 
 
 def resolve_init(checkpoint: str) -> tuple[Path, list[dict]]:
@@ -169,3 +158,106 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(-1, keepdims=True)
+
+
+class Speed:
+    """Training throughput over the steps after the first (which compiles), with evaluation
+    and checkpointing excluded: the rate a longer run would see."""
+
+    def __init__(self, batch_size: int, tokens_per_example: int | None):
+        self.batch_size, self.tokens = batch_size, tokens_per_example
+        self.steps, self.seconds = 0, 0.0
+        self.started: float | None = None
+        self.first = True
+
+    def stepped(self, metrics) -> None:
+        if self.first:  # wait for the compiled first step; time from there on
+            jax.block_until_ready(metrics)
+            self.first = False
+            self.started = time.perf_counter()
+            return
+        if self.started is None:
+            self.started = time.perf_counter()
+        self.steps += 1
+
+    def pause(self, state) -> None:
+        if self.started is not None:
+            jax.block_until_ready(state)
+            self.seconds += time.perf_counter() - self.started
+            self.started = None
+
+    def resume(self) -> None:
+        if self.started is None and not self.first:
+            self.started = time.perf_counter()
+
+    def summary(self) -> dict:
+        rate = self.steps * self.batch_size / self.seconds if self.steps and self.seconds else None
+        return {
+            "examples_per_sec": rate,
+            "tokens_per_sec": rate * self.tokens if rate and self.tokens else None,
+        }
+
+
+def write_outputs(
+    cfg: mc.ConfigDict, workdir: Path, summary: dict, data: Dataset, outputs: np.ndarray | None
+) -> None:
+    """summary.json, plots, the analysis of the held-out predictions, the fit verdict, label
+    issues, the data report and report.md / report.html (process 0)."""
+    from ftlab.eval import analysis, diagnosis
+    from ftlab.eval.run_report import write_report
+
+    records = read_metrics(workdir / "metrics.jsonl")
+    summary["verdict"] = diagnosis.fit_verdict(records, chance_loss=chance_loss(data))
+    if summary["verdict"]["verdict"] in ("overfitting", "underfitting"):
+        log.warning("%s: %s", summary["verdict"]["verdict"], summary["verdict"]["evidence"])
+    split_name, split = held_out(data)
+    if data.task == "classification" and outputs is not None:
+        summary["analysis"] = analysis.run_analysis(
+            workdir,
+            split_name,
+            split.labels,
+            softmax(outputs),
+            data.class_names,
+            split.inputs,
+            {k: v for k, v in split.text.items() if k != "group"},
+            groups=split.text.get("group"),
+            fairness_threshold=cfg.eval.fairness_threshold,
+        )
+    if cfg.eval.label_issues and data.task == "classification":
+        summary["label_issues"] = label_issues(cfg, workdir, data)
+    summary["environment"] = analysis.environment()
+    write_data_report(workdir, cfg, data, summary["steps"])
+    (workdir / "summary.json").write_text(json.dumps(tree.jsonable(summary), indent=2))
+    plots.plot_history(records, workdir / "learning_curves.png", workdir.name)
+    final = summary["test"] or summary["val"]
+    if "confusion_matrix" in final:
+        plots.plot_confusion_matrix(
+            np.array(final["confusion_matrix"]),
+            data.class_names,
+            workdir / "confusion_matrix.png",
+            f"{workdir.name}: {split_name} confusion matrix",
+        )
+    write_report(workdir, workdir.name, {workdir.name: [workdir]})
+
+
+def label_issues(cfg: mc.ConfigDict, workdir: Path, data: Dataset) -> dict:
+    """Confident learning over out-of-fold predictions of a simple model on the training split:
+    ``label_issues.csv`` lists the rows to review before retraining."""
+    from ftlab.data import label_issues
+
+    features = label_issues.featurize(data.train.inputs)
+    probs = label_issues.out_of_fold_probs(
+        features,
+        data.train.labels,
+        data.num_outputs,
+        folds=cfg.eval.label_issue_folds,
+        seed=cfg.seed,
+    )
+    issues = label_issues.find_label_issues(probs, data.train.labels)
+    path = workdir / "label_issues.csv"
+    label_issues.write_label_issues(path, issues, data.class_names)
+    flagged = len(issues["index"]) if isinstance(issues, dict) else len(issues)
+    log.info(
+        "label issues: %d of %d training rows flagged, listed in %s", flagged, len(data.train), path
+    )
+    return {"flagged": flagged, "of": len(data.train), "file": path.name}

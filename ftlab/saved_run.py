@@ -190,22 +190,10 @@ class SourceSplits:
 def source_splits(cfg: mc.ConfigDict) -> SourceSplits:
     """The run's source tables split as ``load_dataset`` splits them, without the training and
     validation rows that its leakage check removed."""
-    from ftlab.data import loading, splitting, tables
+    from ftlab.data import loading
 
     d = cfg.data
-    frames = tables.load_tables(d)
-    first = frames["train"] if "train" in frames else next(iter(frames.values()))
-    task = loading.infer_task(first, d.task)
-    label_map = d.clean.label_map
-    if d.classes:
-        frames, label_map = loading._keep_classes(frames, tuple(d.classes))
-    splits = splitting.make_splits(
-        frames,
-        val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction,
-        seed=d.split_seed,
-        stratify=d.stratify and task == "classification",
-    )
+    splits, task, label_map = loading.source_splits(d)
     if d.clean.leakage:
         splits = _without_leaked(splits, d.clean, label_map, task)
     return SourceSplits(splits, task, label_map)

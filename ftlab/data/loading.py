@@ -153,6 +153,28 @@ def _text_classification(
     return Dataset(**out, task="classification", num_outputs=num, class_names=list(names))
 
 
+def source_splits(cfg: mc.ConfigDict, arrays: Any = None) -> tuple[Any, str, str]:
+    """The source's tables split into train/val/test before any cleaning: ``(splits, task,
+    label_map)``, where ``data.classes`` (kept and remapped) makes the label map."""
+    frames = tables.load_tables(cfg, arrays=arrays)
+    task = infer_task(
+        frames["train"] if "train" in frames else next(iter(frames.values())), cfg.task
+    )
+    label_map = cfg.clean.label_map
+    if cfg.classes:
+        if task != "classification":
+            raise ConfigError("config.data.classes: only classification data has classes")
+        frames, label_map = _keep_classes(frames, tuple(cfg.classes))
+    splits = splitting.make_splits(
+        frames,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.split_seed,
+        stratify=cfg.stratify and task == "classification",
+    )
+    return splits, task, label_map
+
+
 def load_dataset(
     cfg: mc.ConfigDict,
     *,
@@ -166,23 +188,8 @@ def load_dataset(
     none and writes ``data.rejected`` once the config has proved usable); ``tokenizer``:
     the tokenizer to use when ``data.tokenizer`` is empty (the pretrained model's directory).
     """
-    frames = tables.load_tables(cfg, arrays=arrays)
-    task = infer_task(
-        frames["train"] if "train" in frames else next(iter(frames.values())), cfg.task
-    )
+    splits, task, label_map = source_splits(cfg, arrays=arrays)
     c = cfg.clean
-    label_map = c.label_map
-    if cfg.classes:
-        if task != "classification":
-            raise ConfigError("config.data.classes: only classification data has classes")
-        frames, label_map = _keep_classes(frames, tuple(cfg.classes))
-    splits = splitting.make_splits(
-        frames,
-        val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction,
-        seed=cfg.split_seed,
-        stratify=cfg.stratify and task == "classification",
-    )
     clean_cfg = {**c.to_dict(), "label_map": label_map}
     standardise_early = bool(cfg.balance.method) and not c.normalise and cfg.scale <= 0
     if standardise_early:  # statistics of the real training rows, not the resampled ones

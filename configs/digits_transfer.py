@@ -96,6 +96,7 @@ def get_config(arg=None):
     c.variant_seeds = (0, 1, 2, 3, 4)
     if arg == "runlocal":
         c.train.num_steps = 6
+        c.optim.warmup_steps = 2  # shorter than the run
         c.train.eval_every = 3
         c.train.log_every = 2
         c.checkpoint.every_steps = 3

@@ -18,14 +18,27 @@ state; with a target the original containers come back.
 
 Multi-host: every process must call the same methods with the same arguments
 (including the metrics passed to ``save_best``); Orbax does the coordination.
+
+Integrity: once a step is committed (at the next save, ``wait`` or ``close``), process 0
+writes ``<step>/ftlab_sha256.json``, the size and sha256 of every file of the step. Restoring
+the latest step verifies it first: a step whose files no longer match (truncated, deleted,
+a flipped byte) is set aside, renamed ``<step>.corrupt-<time>`` (never deleted), with a
+warning naming it, and the newest intact step is restored instead; when none is left,
+``CheckpointCorruptError``. A save that fails (a full disk, no permission) raises
+``CheckpointSaveError`` naming the directory; the steps already committed stay.
+
+Directories may be local paths or any ``etils.epath`` location (``gs://bucket/run``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import json
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +50,71 @@ logger = logging.getLogger(__name__)
 
 _STATE = "state"
 _META = "meta"
+MANIFEST = "ftlab_sha256.json"
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (a full disk, no permission); earlier steps are kept."""
+
+
+class CheckpointCorruptError(ValueError):
+    """No intact checkpoint is left to resume from (the corrupt ones were set aside)."""
+
+
+def _files(directory: epath.Path) -> list[epath.Path]:
+    out = []
+    for p in directory.iterdir():
+        out.extend(_files(p) if p.is_dir() else [p])
+    return out
+
+
+def _sha256(path: epath.Path) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _digests(step_dir: epath.Path) -> dict[str, list]:
+    """``{relative path: [size, sha256]}`` of every file under ``step_dir`` but the manifest."""
+    files = [p for p in _files(step_dir) if p.name != MANIFEST]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # hashlib releases the GIL
+        sums = list(pool.map(_sha256, files))
+    root = os.fspath(step_dir).rstrip("/") + "/"
+    return {os.fspath(p)[len(root) :]: list(v) for p, v in zip(files, sums)}
+
+
+def write_manifest(step_dir: epath.Path) -> None:
+    """The size and sha256 of every file of a committed step, in ``step_dir/MANIFEST``."""
+    tmp = step_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": _digests(step_dir)}, indent=0, sort_keys=True))
+    tmp.rename(step_dir / MANIFEST)
+
+
+def verify_manifest(step_dir: epath.Path) -> str | None:
+    """None when the step matches its manifest (or has none: saved before it was written);
+    otherwise what differs, in a few words."""
+    manifest = step_dir / MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        want = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    try:
+        got = _digests(step_dir)
+    except OSError as e:
+        return f"unreadable files ({e})"
+    for name, (size, digest) in sorted(want.items()):
+        if name not in got:
+            return f"{name} is missing"
+        if got[name][0] != size:
+            return f"{name} has {got[name][0]} bytes, {size} when saved"
+        if got[name][1] != digest:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def _as_path(path: str | os.PathLike) -> epath.Path:
@@ -88,6 +166,8 @@ class Checkpoints:
         self.async_save = bool(async_save)
         self.best_metric = best_metric
         self.best_mode = best_mode
+        self._in_flight: dict[int, int] = {}  # id(manager) -> step of its pending save
+        self._unsealed: set[tuple[int, int]] = set()  # (id(manager), step) saved, no manifest
 
         policies = ocp.checkpoint_managers
         self._last = ocp.CheckpointManager(
@@ -149,7 +229,84 @@ class Checkpoints:
         or below the latest saved one is skipped (False) unless ``force``; forcing
         a step that already exists raises Orbax's ``StepAlreadyExistsError``.
         """
-        return bool(self._last.save(int(step), args=self._args(state, meta), force=force))
+        if not (force or self._last.should_save(int(step))):
+            return False
+        args = self._args(state, meta)
+        self._finish(self._last)  # the previous save committed (or its failure raised), sealed
+        try:
+            saved = bool(self._last.save(int(step), args=args, force=force))
+        except Exception as e:
+            raise self._save_error(self._last, int(step), e) from e
+        if saved:
+            self._in_flight[id(self._last)] = int(step)
+            self._unsealed.add((id(self._last), int(step)))
+            if not self.async_save:
+                self._finish(self._last)
+        return saved
+
+    # ------------------------------------------------------------------ integrity
+    def _save_error(self, mngr: ocp.CheckpointManager, step: int | None, e: Exception):
+        where = mngr.directory if step is None else mngr.directory / str(step)
+        try:
+            mngr.reload()  # forget the step that failed
+        except Exception:  # noqa: BLE001 (the listing below is a courtesy)
+            logger.debug("could not reload %s", mngr.directory)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return CheckpointSaveError(
+            f"saving the checkpoint {where} failed ({type(e).__name__}: {reason[:300]}); "
+            f"the steps saved before it are kept: {sorted(mngr.all_steps())}"
+        )
+
+    def _finish(self, mngr: ocp.CheckpointManager) -> None:
+        """Wait for ``mngr``'s pending save (a failed one raises ``CheckpointSaveError``), then
+        write the manifest of every committed step that lacks one."""
+        try:
+            mngr.wait_until_finished()
+            mngr.check_for_errors()
+        except Exception as e:
+            raise self._save_error(mngr, self._in_flight.pop(id(mngr), None), e) from e
+        self._in_flight.pop(id(mngr), None)
+        if jax.process_index() != 0:
+            return
+        kept = set(mngr.all_steps())
+        for key in sorted(self._unsealed):  # only steps this process saved: never bless
+            if key[0] != id(mngr):  # a step found on disk without a manifest
+                continue
+            self._unsealed.discard(key)
+            if key[1] in kept:
+                try:
+                    write_manifest(mngr.directory / str(key[1]))
+                except OSError as e:
+                    raise self._save_error(mngr, key[1], e) from e
+
+    def check_for_errors(self) -> None:
+        """Raise ``CheckpointSaveError`` now if a background save has already failed."""
+        for mngr in (self._last, self._best):
+            if mngr is None:
+                continue
+            try:
+                mngr.check_for_errors()
+            except Exception as e:
+                raise self._save_error(mngr, self._in_flight.pop(id(mngr), None), e) from e
+
+    def _set_aside(self, mngr: ocp.CheckpointManager, step: int, why: str) -> None:
+        step_dir = mngr.directory / str(step)
+        aside = mngr.directory / f"{step}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+        if jax.process_index() == 0:
+            step_dir.rename(aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"ftlab_set_aside_{step}")
+        mngr.reload()
+        logger.warning("checkpoint %s is corrupt (%s): set aside as %s", step_dir, why, aside)
+
+    def _intact(self, mngr: ocp.CheckpointManager, step: int) -> bool:
+        why = verify_manifest(mngr.directory / str(step))
+        if why is None:
+            return True
+        self._set_aside(mngr, step, why)
+        return False
 
     def _is_better(self, value: float) -> bool:
         if math.isnan(value):
@@ -187,11 +344,18 @@ class Checkpoints:
             # e.g. re-evaluating the same step after a resume; never overwrite.
             logger.warning("best checkpoint for step %d already exists; not overwriting", step)
             return False
-        saved = bool(
-            self._best.save(step, args=self._args(state, meta), metrics=metrics, force=True)
-        )
+        args = self._args(state, meta)
+        self._finish(self._best)
+        try:
+            saved = bool(self._best.save(step, args=args, metrics=metrics, force=True))
+        except Exception as e:
+            raise self._save_error(self._best, step, e) from e
         if saved:
+            self._in_flight[id(self._best)] = step
+            self._unsealed.add((id(self._best), step))
             self._best_value = value
+            if not self.async_save:
+                self._finish(self._best)
         return saved
 
     # ------------------------------------------------------------------ querying
@@ -230,37 +394,65 @@ class Checkpoints:
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restore "last" (latest if ``step`` is None) into ``target``'s structure,
         dtypes and shardings. Returns ``(state, meta)``."""
-        self._last.wait_until_finished()
-        if step is None:
-            step = self._last.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"no checkpoint in {self._last.directory}")
-        return self._restore(self._last, target, int(step))
+        self._finish(self._last)
+        if step is not None:
+            if int(step) in self._last.all_steps() and not self._intact(self._last, int(step)):
+                raise CheckpointCorruptError(
+                    f"checkpoint step {step} in {self._last.directory} is corrupt (set aside)"
+                )
+            return self._restore(self._last, target, int(step))
+        if self._last.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {self._last.directory}")
+        while (step := self._last.latest_step()) is not None:
+            if self._intact(self._last, step):
+                return self._restore(self._last, target, step)
+        raise CheckpointCorruptError(
+            f"no intact checkpoint left in {self._last.directory}: every step failed its "
+            "checksums and was set aside (renamed *.corrupt-*, nothing deleted); restore one "
+            "by hand, or use a new --workdir to start over"
+        )
 
     def restore_best(self, target: Any) -> tuple[Any, dict, int]:
         """Restore the best checkpoint. Returns ``(state, meta, step)``."""
         if self._best is None:
             raise ValueError("restore_best needs Checkpoints(..., best_metric=...) to be set")
-        self._best.wait_until_finished()
+        self._finish(self._best)
         step = self._best.best_step()
         if step is None:
             raise FileNotFoundError(f"no best checkpoint in {self._best.directory}")
+        if not self._intact(self._best, step):
+            raise CheckpointCorruptError(
+                f"the best checkpoint (step {step}) in {self._best.directory} is corrupt and was "
+                "set aside; evaluate --checkpoint last instead"
+            )
         state, meta = self._restore(self._best, target, step)
         return state, meta, step
 
     # ------------------------------------------------------------------ lifecycle
     def wait(self) -> None:
-        """Block until pending async saves are committed."""
-        self._last.wait_until_finished()
+        """Block until pending async saves are committed (and write their manifests); a save
+        that failed raises ``CheckpointSaveError``."""
+        self._finish(self._last)
         if self._best is not None:
-            self._best.wait_until_finished()
+            self._finish(self._best)
 
     def close(self) -> None:
         """Wait for pending saves and release resources."""
-        self.wait()
-        self._last.close()
-        if self._best is not None:
-            self._best.close()
+        try:
+            self.wait()
+        finally:
+            self._last.close()
+            if self._best is not None:
+                self._best.close()
+
+    def abort(self) -> None:
+        """Release resources after an interruption, quietly: a pending save completes if it
+        can; a failure is logged in one line, never raised (the process is exiting)."""
+        try:
+            self.close()
+        except BaseException as e:  # noqa: BLE001 (a further Ctrl-C, or the save's own error)
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            logger.debug("checkpoints closed after an error: %s", first)  # reported already
 
     def __enter__(self):
         return self

@@ -7,7 +7,8 @@ Commands taking a config file (``path/to/config.py[:arg]``, positionally or absl
 - ``sweep CONFIG [--workdir DIR]``: the same for a config that declares stages, variants or a
   sweep (refused for a single-run config);
 - ``list CONFIG``: the runs the config would make, without running anything;
-- ``plan CONFIG``: compile the train step without weights and print per-device memory.
+- ``plan CONFIG [--target NAME]``: compile the train step for this machine or a TPU / GPU
+  target, without data or weights, and print per-device memory.
 
 Commands taking a finished run's directory (its ``config.json`` and ``checkpoints/``):
 
@@ -19,9 +20,13 @@ Commands taking a finished run's directory (its ``config.json`` and ``checkpoint
   and / or the LoRA adapter in PEFT's format;
 - ``compare RUN_DIR RUN_DIR ... [--out DIR] [--baseline NAME]``: a comparison table.
 
+``bench [--case NAME] [--steps N] [--torch] [--out DIR]``: train-step throughput, MFU and
+memory on this machine, beside PyTorch + PEFT (``ftlab.bench``).
+
 Exit codes: 0 done (plan: fits or unknown), 1 training failed (non-finite loss) or the plan
 does not fit, 2 bad config or input (one line ``ftlab: ...`` naming it, before any work is
-done or any file written), 130 interrupted (after saving a checkpoint).
+done or any file written), 130 interrupted by Ctrl-C, 143 stopped by SIGTERM (preemption; both
+after saving a checkpoint).
 """
 
 from __future__ import annotations
@@ -77,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="ftlab",
         description=__doc__.split("\n\n", 1)[1].split("\n\nExit codes")[0].replace("``", ""),
         epilog="Exit codes: 0 done, 1 training failed / plan does not fit, 2 bad config or "
-        "input, 130 interrupted. `ftlab COMMAND --help` for each command.",
+        "input, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). `ftlab COMMAND --help` for "
+        "each command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -119,10 +125,20 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("config_file", nargs="?", metavar="CONFIG", help=CONFIG_ARG)
     q = command(
         "plan",
-        "per-device memory of the config's train step, no weights",
-        "Compile the config's train step on abstract shapes and print per-device memory.",
+        "per-device memory of the config's train step for a target, no data or weights",
+        "Compile the config's train step ahead of time on abstract shapes (a synthesised "
+        "batch, no weights) for this machine or a --target, and print per-device memory, "
+        "FLOPs, and what would make a plan that does not fit fit. Each stage / variant of a "
+        "multi-run config is planned (or --variant NAME).",
     )
     q.add_argument("config_file", nargs="?", metavar="CONFIG", help=CONFIG_ARG)
+    q.add_argument(
+        "--target",
+        metavar="NAME",
+        help="host (default), tpu-v5e-1, tpu-v5e-8, tpu-v6e-1, tpu-v4-32, tpu-v5p-8, gpu-h100, "
+        'gpu-h100x8, gpu-a100-80gb, ... (TPU targets need libtpu: pip install -e ".[tpu-plan]")',
+    )
+    q.add_argument("--variant", metavar="NAME", help="plan only this stage or variant")
     q.add_argument("--device-memory", help="bytes per device to check against (e.g. 80GB)")
     q.add_argument("--devices", type=int, help="plan for this many devices (shapes only)")
 
@@ -194,6 +210,36 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories")
     c.add_argument("--out", metavar="DIR", help="also write the comparison files here")
     c.add_argument("--baseline", metavar="NAME", help="the run the others are compared with")
+
+    b = command(
+        "bench",
+        "fine-tuning step throughput, MFU and memory (vs PyTorch + PEFT)",
+        "Time ftlab's train step on GPT-2-medium (full, LoRA, top-2 blocks) and LLaMA-7B LoRA "
+        "on this machine's accelerator (shrunk and float32 on CPU): tokens/s, model FLOPs and "
+        "MFU, peak memory; with --torch the same cases through transformers + PEFT (eager and "
+        "torch.compile). Writes bench.json and bench.md.",
+        "",
+    )
+    b.add_argument(
+        "--case",
+        action="append",
+        metavar="NAME",
+        help="a case (repeatable; "
+        "default all four): gpt2m-full, gpt2m-lora, gpt2m-top2, llama7b-lora, tiny",
+    )
+    b.add_argument("--steps", type=int, default=10, help="timed steps per case (default 10)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    b.add_argument("--torch", action="store_true", help="also run torch + transformers + peft")
+    b.add_argument(
+        "--torch-python",
+        metavar="PYTHON",
+        help="a Python that imports torch, transformers and peft (default: this one)",
+    )
+    b.add_argument("--torch-modes", default="eager,compile", help="default eager,compile")
+    b.add_argument("--full-size", action="store_true", help="full-size cases even on CPU")
+    b.add_argument(
+        "--out", metavar="DIR", help="output folder (default experiments/results/bench_<device>)"
+    )
     return p
 
 
@@ -227,9 +273,40 @@ def main(argv: list[str] | None = None) -> int:
         kind = "" if isinstance(e, (InputError, UsageError)) else "config error: "
         print(f"ftlab: {kind}{e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ftlab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):  # exiting now: a further one changes nothing
+            signal.signal(sig, signal.SIG_IGN)
+        signum = getattr(e, "signum", signal.SIGINT)
+        how = "interrupted" if signum == signal.SIGINT else signal.Signals(signum).name
+        detail = f" ({e})" if str(e) else ""
+        print(f"ftlab: {how}{detail}", file=sys.stderr)
+        return 128 + signum
+    except Exception as e:
+        kind = _input_error(e)
+        if kind is None:
+            raise
+        print(f"ftlab: {kind}{' '.join(str(e).split())}", file=sys.stderr)
+        return 1 if kind == "checkpoint save failed: " else 2
+
+
+def _input_error(e: Exception) -> str | None:
+    """The one-line prefix for an exception that is bad input (exit 2) or a failed save (exit
+    1); None for anything else (a bug: its traceback is shown). Types are looked up only in
+    modules already imported (an exception of a module never imported cannot occur)."""
+    kinds = {
+        ("ftlab.data.frames", "DataError"): "data error: ",
+        ("ftlab.models.hf_import", "HFImportError"): "",
+        ("ftlab.methods.peft", "PeftAdapterError"): "",
+        ("ftlab.checkpoint", "CheckpointCorruptError"): "",
+        ("ftlab.checkpoint", "CheckpointSaveError"): "checkpoint save failed: ",
+    }
+    for (module, name), kind in kinds.items():
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(e, cls):
+            return kind
+    return None
 
 
 # -- commands taking a config ------------------------------------------------------------------
@@ -263,6 +340,12 @@ def _train(args, spec, overrides, log) -> int:
             f"{spec} declares no stages, variants or sweep: nothing to sweep; "
             "`ftlab train` runs a single config"
         )
+    if args.workdir and "://" in args.workdir:
+        raise ConfigError(
+            f"--workdir {args.workdir}: a URL for the whole run directory is not supported (its "
+            "TensorBoard files, plots and reports are written locally); mount the bucket "
+            "(gcsfuse BUCKET /mnt/shared) and pass the mount's path"
+        )
     workdir = Path(args.workdir) if args.workdir else default_workdir(spec)
     from ftlab.experiment import run_experiment  # heavy imports after the cheap checks
     from ftlab.train.loop import NonFiniteLossError
@@ -284,11 +367,17 @@ def _list(args, spec, overrides, log) -> int:
 
 
 def _plan(args, spec, overrides, log) -> int:
+    if args.target not in (None, "", "host"):  # compile-only target devices: no local backend
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
     spec, cfg = _config(args, spec, overrides)
-    from ftlab.parallel import plan
+    from ftlab import plan
 
     memory = plan.parse_bytes(args.device_memory) if args.device_memory else None
-    text, fits = plan.describe(cfg, device_memory=memory, devices=args.devices)
+    text, fits = plan.describe(
+        cfg, device_memory=memory, devices=args.devices, target=args.target, variant=args.variant
+    )
     print(text)
     return 1 if fits is False else 0
 
@@ -476,6 +565,29 @@ def _compare(args, spec, overrides, log) -> int:
     return 0
 
 
+def _bench(args, spec, overrides, log) -> int:
+    from ftlab import bench
+
+    if spec or overrides:
+        raise UsageError("bench takes no config (see ftlab bench --help)")
+    cases = args.case or list(bench.DEFAULT_CASES)
+    unknown = [c for c in cases if c not in bench.CASES]
+    if unknown:
+        raise UsageError(f"bench: unknown case {unknown[0]!r}; known: {', '.join(bench.CASES)}")
+    bench.run(
+        cases,
+        steps=args.steps,
+        warmup=args.warmup,
+        with_torch=args.torch,
+        torch_python_path=args.torch_python,
+        out=args.out,
+        shrink=False if args.full_size else None,
+        torch_modes=tuple(m for m in args.torch_modes.split(",") if m),
+        log=log.info,
+    )
+    return 0
+
+
 COMMANDS = {
     "train": _train,
     "sweep": _train,
@@ -485,6 +597,7 @@ COMMANDS = {
     "predict": _predict,
     "export": _export,
     "compare": _compare,
+    "bench": _bench,
 }
 
 

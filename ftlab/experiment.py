@@ -32,7 +32,7 @@ from ftlab import sweep, tree
 from ftlab.config import ConfigError, override_copy, to_dict
 from ftlab.eval.compare import write_comparison
 from ftlab.schema import validate
-from ftlab.train.loop import prepare, train
+from ftlab.train.loop import check_writable, prepare, train
 
 __all__ = ["DataCache", "Planned", "derive", "describe", "plan", "run_experiment"]
 
@@ -207,6 +207,7 @@ def run_experiment(cfg: mc.ConfigDict, workdir: str | Path) -> dict:
     if not planned:
         return train(cfg, workdir)
     validate(cfg)
+    check_writable(workdir)  # before any data is loaded
     stage_names = [name for name, _ in cfg.stages]
     cache = DataCache()
     # Derive (and so validate) every run before the first one starts; finished runs are

@@ -19,6 +19,8 @@ LOSSES = ("cross_entropy", "mse", "causal_lm")
 MODELS = ("cnn", "mlp", "resnet", "hf")
 SOURCES = ("sklearn", "npz", "hf", "tfds", "arrays")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION = ("auto", "xla", "cudnn", "splash", "naive")  # ftlab.models.layers.ATTENTION
+REMAT_POLICIES = ("none", "dots", "full")  # ftlab.models.layers.REMAT_POLICIES
 
 
 def base_config() -> mc.ConfigDict:
@@ -102,6 +104,12 @@ def base_config() -> mc.ConfigDict:
     c.model.pretrained = ""
     c.model.hf_config = mc.ConfigDict()
     c.model.remat = False  # recompute each block in the backward pass (less activation memory)
+    # what remat keeps: none | dots (matmul outputs saved, the rest recomputed) | full
+    # (only each block's input saved); model.remat = True alone means full
+    c.model.remat_policy = "none"
+    # transformer attention: auto (= xla) | xla (jax.nn.dot_product_attention, fused by XLA) |
+    # cudnn (its cuDNN kernel, GPU) | splash (Pallas splash attention, TPU) | naive (reference)
+    c.model.attention = "auto"
 
     c.init = mc.ConfigDict()
     c.init.checkpoint = ""  # parameters saved by a run (its workdir/params), or "stage:NAME"
@@ -109,6 +117,9 @@ def base_config() -> mc.ConfigDict:
 
     c.method = mc.ConfigDict()
     c.method.name = "full"
+    # dtype frozen leaves are stored in (trained leaves and optimizer state stay float32):
+    # auto = bfloat16 on GPU/TPU, float32 on CPU | float32 | bfloat16
+    c.method.frozen_dtype = "auto"
     c.method.trainable = ()  # regexes trained in addition to what the method selects
     c.method.partial = mc.ConfigDict()
     c.method.partial.last_k = 0  # train the last k blocks
@@ -133,6 +144,7 @@ def base_config() -> mc.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.momentum = 0.9  # sgd
     c.optim.accum_steps = 1  # gradient accumulation: micro-batches per update
+    c.optim.state_dtype = "float32"  # optimizer state (adam moments): float32 | bfloat16
 
     c.train = mc.ConfigDict()
     c.train.batch_size = 32
@@ -141,6 +153,9 @@ def base_config() -> mc.ConfigDict:
     c.train.loss = "cross_entropy"
     c.train.label_smoothing = 0.0
     c.train.compute_dtype = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
+    # causal LM: logits and cross-entropy this many positions at a time (0: all at once), so
+    # batch x length x vocabulary float32 logits never sit in memory
+    c.train.loss_chunk = 0
     c.train.log_every = 10
     c.train.eval_every = 50
     c.train.eval_batch_size = 256
@@ -235,6 +250,10 @@ def validate(cfg: mc.ConfigDict) -> None:
         ("optim.schedule", SCHEDULES),
         ("train.loss", LOSSES),
         ("train.compute_dtype", DTYPES),
+        ("model.attention", ATTENTION),
+        ("model.remat_policy", REMAT_POLICIES),
+        ("method.frozen_dtype", ("auto", "float32", "bfloat16")),
+        ("optim.state_dtype", ("float32", "bfloat16")),
         ("early_stopping.mode", ("min", "max")),
         ("data.last_batch", ("drop", "pad", "wrap")),
         ("data.task", ("auto", "classification", "regression", "causal_lm")),
@@ -253,6 +272,13 @@ def validate(cfg: mc.ConfigDict) -> None:
     )
     _check(cfg.train.eval_batch_size > 0, "train.eval_batch_size", "must be > 0")
     _check(cfg.optim.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
+    _check(cfg.train.loss_chunk >= 0, "train.loss_chunk", "must be >= 0 (0 = no chunking)")
+    if cfg.train.loss_chunk:
+        _check(
+            cfg.train.loss == "causal_lm",
+            "train.loss_chunk",
+            f"chunked cross-entropy is for train.loss 'causal_lm', not {cfg.train.loss!r}",
+        )
     _check(
         cfg.train.batch_size % cfg.optim.accum_steps == 0,
         "optim.accum_steps",

@@ -10,6 +10,9 @@ import os
 import tempfile
 
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+# CPU only: the test extras install libtpu (for ahead-of-time TPU plans), which would make every
+# jax process here probe for a TPU first; TPU plans compile for a topology, not a device
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ftlab_jax_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")

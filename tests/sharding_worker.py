@@ -29,7 +29,7 @@ from ftlab import checkpoint, tree
 from ftlab.methods import build_method
 from ftlab.models.gpt2 import GPT2, GPT2Config
 from ftlab.parallel import make_mesh, shard
-from ftlab.parallel.plan import plan_step
+from ftlab.plan import plan_step
 from ftlab.schema import base_config
 from ftlab.train import optim
 from ftlab.train.losses import cross_entropy

@@ -1,4 +1,4 @@
-"""The memory planner (``ftlab.parallel.plan``): per-device bytes from shapes and the compiled
+"""The memory planner (``ftlab.plan``): per-device bytes from shapes and the compiled
 step, never from allocated weights."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import transformers
 
+from ftlab import plan
 from ftlab.config import ConfigError
 from ftlab.methods import build_method
 from ftlab.models.gpt2 import GPT2, GPT2Config
-from ftlab.parallel import make_abstract_mesh, make_mesh, plan, shard
+from ftlab.parallel import make_abstract_mesh, make_mesh, shard
 from ftlab.schema import base_config
 from ftlab.train import optim
 from ftlab.train.losses import cross_entropy

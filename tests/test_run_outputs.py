@@ -107,3 +107,18 @@ def test_causal_lm_token_accuracy_and_perplexity_match_the_logits():
     nll = -np.take_along_axis(logp, np.maximum(labels, 0)[..., None], -1)[..., 0]
     assert result["perplexity"] == pytest.approx(np.exp(nll[mask].mean()), rel=1e-5)
     assert result["loss"] > nll[mask].mean()  # the smoothed loss is larger than plain NLL
+
+
+def test_a_run_saved_before_new_config_keys_still_resumes(first):
+    """A config.json written by an older ftlab lacks keys added since; at their defaults they
+    are no change (else every upgrade would refuse to resume)."""
+    from ftlab.train.loop import _config_changes
+
+    cfg, workdir, _ = first
+    saved = json.loads((workdir / "config.json").read_text())
+    del saved["eval"]["before_training"]  # as if written before the key existed
+    old = workdir.parent / "old_config.json"
+    old.write_text(json.dumps(saved))
+    assert _config_changes(old, cfg) == []
+    changed = apply_overrides(cfg, {"eval.before_training": False})
+    assert _config_changes(old, changed) == ["eval.before_training"]

@@ -242,7 +242,11 @@ def _hub_tables(name: str, subset: str | None, cache_dir: str | None) -> dict[st
     import datasets
 
     if hub_offline("HF_DATASETS_OFFLINE"):
-        raise HubOfflineError(_offline_message(name, "this machine is offline (HF_HUB_OFFLINE)"))
+        raise HubOfflineError(
+            _offline_message(
+                name, "this machine is offline (HF_HUB_OFFLINE set, or the Hub unreachable)"
+            )
+        )
     try:
         loaded = datasets.load_dataset(name, subset, cache_dir=cache_dir)
     except datasets.exceptions.DatasetNotFoundError as e:

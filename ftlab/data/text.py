@@ -92,7 +92,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = No
                     f"{text!r}: {e}"
                 ) from e
             reason = (
-                "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
+                "this machine is offline (HF_HUB_OFFLINE set, or the Hub unreachable) and it "
+                "is not in the local Hugging Face cache"
                 if offline
                 else f"the download failed ({type(e).__name__}: {e})"
             )

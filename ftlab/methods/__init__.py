@@ -17,6 +17,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections as mc
 
 from ftlab import tree
@@ -32,10 +33,19 @@ class Method:
     trained: tuple[str, ...]  # base-parameter paths that are trained
     lora_targets: tuple[str, ...] = ()  # kernel paths that get LoRA factors
     lora: LoraSpec | None = None
+    frozen_dtype: str = "float32"  # floating frozen leaves are stored in this dtype
+
+    def _store_frozen(self, value: Any) -> Any:
+        if self.frozen_dtype == "float32" or not jnp.issubdtype(value.dtype, jnp.floating):
+            return value
+        return value.astype(self.frozen_dtype)
 
     # -- building the trees ---------------------------------------------------------------
     def split(self, params: Mapping, rng: jax.Array) -> tuple[dict, dict]:
-        """(trainable, frozen) from full base parameters; LoRA factors are created here."""
+        """(trainable, frozen) from full base parameters; LoRA factors are created here.
+
+        Frozen floating leaves are stored in ``frozen_dtype`` (bfloat16 halves their bytes);
+        trainable leaves keep the parameters' float32, and so does the optimizer state."""
         flat = tree.flatten(params)
         trained = set(self.trained)
         factors = {}
@@ -49,7 +59,9 @@ class Method:
                 {f"{p}/{k}": v for p, f in factors.items() for k, v in f.items()}
             ),
         }
-        frozen = tree.unflatten({p: v for p, v in flat.items() if p not in trained})
+        frozen = tree.unflatten(
+            {p: self._store_frozen(v) for p, v in flat.items() if p not in trained}
+        )
         return trainable, frozen
 
     def base_params(self, trainable: Mapping, frozen: Mapping) -> dict:
@@ -62,8 +74,14 @@ class Method:
         return {p: {"a": flat[f"{p}/a"], "b": flat[f"{p}/b"]} for p in self.lora_targets}
 
     def merged_params(self, trainable: Mapping, frozen: Mapping) -> dict:
-        """Base parameters with LoRA folded in: a plain model tree for export and evaluation."""
+        """Base parameters with LoRA folded in: a plain model tree for export and evaluation
+        (frozen leaves stored in a smaller dtype come back as float32, the parameters' dtype)."""
         flat = tree.flatten(self.base_params(trainable, frozen))
+        if self.frozen_dtype != "float32":
+            flat = {
+                p: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v
+                for p, v in flat.items()
+            }
         if self.lora_targets:
             flat = lora_lib.merge(flat, self.lora_factors(trainable), self.lora.scale)
         return tree.unflatten(flat)
@@ -80,11 +98,13 @@ class Method:
         rng: jax.Array | None = None,
         model_state: Mapping | None = None,
         update_state: bool = False,
+        **model_kwargs: Any,
     ) -> Any:
         """``model.apply`` on the combined tree; LoRA runs factored inside its layers.
 
         ``model_state`` holds the model's other collections (BatchNorm ``batch_stats``);
         with ``update_state`` (training) it returns ``(outputs, updated model_state)``.
+        ``model_kwargs`` go to the model's call (``return_hidden=True``).
         """
         params = self.base_params(trainable, frozen)
         model_state = dict(model_state or {})
@@ -93,7 +113,12 @@ class Method:
 
         def call():  # with a mutable list (even empty), flax returns (outputs, updated state)
             return model.apply(
-                {"params": params, **model_state}, inputs, train=train, rngs=rngs, mutable=mutable
+                {"params": params, **model_state},
+                inputs,
+                train=train,
+                rngs=rngs,
+                mutable=mutable,
+                **model_kwargs,
             )
 
         if not self.lora_targets:
@@ -123,8 +148,20 @@ class Method:
         return " | ".join(parts)
 
 
-def build_method(cfg: mc.ConfigDict, params: Mapping) -> Method:
-    """Resolve ``config.method`` against the model's parameter paths (errors name the key)."""
+def frozen_dtype(name: str, backend: str | None = None) -> str:
+    """``method.frozen_dtype``: ``auto`` is bfloat16 on GPU/TPU and float32 on CPU (``backend``,
+    default this process's: a planner for another target passes the target's)."""
+    if name == "auto":
+        backend = backend or jax.default_backend()
+        return "bfloat16" if backend in ("gpu", "cuda", "rocm", "tpu") else "float32"
+    if name not in ("float32", "bfloat16"):
+        raise ConfigError(f"config.method.frozen_dtype: {name!r}; choose auto, float32, bfloat16")
+    return name
+
+
+def build_method(cfg: mc.ConfigDict, params: Mapping, backend: str | None = None) -> Method:
+    """Resolve ``config.method`` against the model's parameter paths (errors name the key);
+    ``backend`` resolves ``frozen_dtype = "auto"`` (default: this process's backend)."""
     flat = tree.flatten(params)
     paths = sorted(flat)
     trained = select.by_regexes(paths, cfg.trainable, "method.trainable")
@@ -165,4 +202,10 @@ def build_method(cfg: mc.ConfigDict, params: Mapping) -> Method:
                 )
     elif cfg.name != "frozen":
         raise ConfigError(f"config.method.name: unknown method {cfg.name!r}")
-    return Method(cfg.name, tuple(sorted(trained)), tuple(lora_targets), spec)
+    return Method(
+        cfg.name,
+        tuple(sorted(trained)),
+        tuple(lora_targets),
+        spec,
+        frozen_dtype(cfg.get("frozen_dtype", "float32"), backend),
+    )

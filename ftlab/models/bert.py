@@ -63,13 +63,19 @@ class BertLayer(nn.Module):
     attention_dropout: float = 0.1
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_impl: str = "auto"  # ftlab.models.layers.ATTENTION
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array | None, *, train: bool = False):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         drop = nn.Dropout(self.hidden_dropout, deterministic=not train)
         a = SelfAttention(
-            self.hidden_size, self.num_heads, self.attention_dropout, name="attention", **kw
+            self.hidden_size,
+            self.num_heads,
+            self.attention_dropout,
+            attention_impl=self.attention_impl,
+            name="attention",
+            **kw,
         )(x, bias, train=train)
         x = layer_norm(self.layer_norm_eps, "embed", name="attention_layernorm", **kw)(x + drop(a))
         h = dense(self.intermediate_size, ("embed", "mlp"), name="intermediate", **kw)(x)
@@ -128,8 +134,9 @@ class Bert(nn.Module):
     add_pooler: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: bool = False  # recompute each layer's activations in the backward pass
+    remat: bool | str = False  # recompute each layer in the backward pass: True/"full", "dots"
     scan_layers: bool = False  # one nn.scan over the layers (parameters under ``layer``)
+    attention_impl: str = "auto"  # ftlab.models.layers.ATTENTION
 
     @classmethod
     def from_hf_config(cls, config: Any, **overrides: Any) -> Bert:
@@ -219,10 +226,14 @@ class Bert(nn.Module):
             self.attention_dropout,
         )
         if self.scan_layers:
-            x, _ = layer(*fields, name="layer", **kw)(x, bias, train)
+            x, _ = layer(*fields, name="layer", attention_impl=self.attention_impl, **kw)(
+                x, bias, train
+            )
         else:
             for i in range(self.num_layers):
-                x = layer(*fields, name=f"layer_{i}", **kw)(x, bias, train)
+                x = layer(*fields, name=f"layer_{i}", attention_impl=self.attention_impl, **kw)(
+                    x, bias, train
+                )
         if not self.add_pooler:
             if self.num_labels:
                 raise ValueError("a classifier head needs the pooler (add_pooler=True)")

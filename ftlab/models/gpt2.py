@@ -131,6 +131,7 @@ class GPT2Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     decode: bool = False  # keys and values through the ``cache`` collection (``kv_cache``)
+    attention_impl: str = "auto"  # ftlab.models.layers.ATTENTION
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, train: bool = False) -> jax.Array:
@@ -147,7 +148,8 @@ class GPT2Attention(nn.Module):
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
         drop = nn.Dropout(cfg.attn_pdrop, deterministic=not train)
-        out = attention(q.reshape(shape), k, v, bias, scale, drop)
+        impl = "xla" if (self.decode and self.attention_impl == "splash") else self.attention_impl
+        out = attention(q.reshape(shape), k, v, bias, scale, drop, impl=impl, causal=True)
         kw["std"] = std / math.sqrt(2 * cfg.n_layer)
         out = dense(cfg.n_embd, ("heads", "embed"), name="c_proj", **kw)(
             out.reshape(b, t, cfg.n_embd)
@@ -177,14 +179,16 @@ class GPT2Block(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     decode: bool = False
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, train: bool = False) -> jax.Array:
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         h = _layer_norm(cfg, dt, pdt, "ln_1")(x)
-        x = x + GPT2Attention(cfg, self.layer_idx, dt, pdt, self.decode, name="attn")(
-            h, bias, train
+        attn = GPT2Attention(
+            cfg, self.layer_idx, dt, pdt, self.decode, self.attention_impl, name="attn"
         )
+        x = x + attn(h, bias, train)
         h = _layer_norm(cfg, dt, pdt, "ln_2")(x)
         return x + GPT2MLP(cfg, dt, pdt, name="mlp")(h, train)
 
@@ -237,9 +241,11 @@ class GPT2(Decoder):
                     "scan_layers=True shares one block for all layers, so it cannot scale "
                     "attention by the layer index (scale_attn_by_inverse_layer_idx=True)"
                 )
-            x, _ = block(cfg, 0, dt, pdt, False, name="h")(x, bias, train)
+            x, _ = block(cfg, 0, dt, pdt, False, self.attention_impl, name="h")(x, bias, train)
         else:
             for i in range(cfg.n_layer):
-                x = block(cfg, i, dt, pdt, decode, name=f"h_{i}")(x, bias, train)
+                x = block(cfg, i, dt, pdt, decode, self.attention_impl, name=f"h_{i}")(
+                    x, bias, train
+                )
         x = _layer_norm(cfg, dt, pdt, "ln_f")(x)
         return x, wte

@@ -25,10 +25,14 @@ call ``register_family`` (leaves of other variable collections, such as BatchNor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
 import re
+import socket
+import threading
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -274,9 +278,10 @@ _PICKLE_PATTERNS = ("pytorch_model.bin", "pytorch_model*.bin", "pytorch_model.bi
 
 
 def hub_offline(*also: str) -> bool:
-    """Whether Hub access is switched off now: ``HF_HUB_OFFLINE`` or any of ``also``
+    """Whether Hub access is off now: ``HF_HUB_OFFLINE`` or any of ``also``
     (``HF_DATASETS_OFFLINE``, ``TRANSFORMERS_OFFLINE``), read at call time because
-    huggingface_hub reads its variable only when imported."""
+    huggingface_hub reads its variable only when imported, or the Hub unreachable from this
+    machine (``hub_unreachable``: a connection attempt of at most 3 s, once per process)."""
     truthy = {"1", "on", "yes", "true"}
     for var in ("HF_HUB_OFFLINE", *also):
         if os.environ.get(var, "").strip().lower() in truthy:
@@ -284,9 +289,45 @@ def hub_offline(*also: str) -> bool:
     try:
         from huggingface_hub import constants
 
-        return bool(constants.HF_HUB_OFFLINE)
+        if constants.HF_HUB_OFFLINE:
+            return True
     except ImportError:  # pragma: no cover - transformers depends on it
         return True
+    return hub_unreachable() is not None  # no network: say so now, not after retries
+
+
+_PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+@functools.lru_cache(maxsize=4)
+def _probe(endpoint: str, timeout: float) -> str | None:
+    parsed = urllib.parse.urlparse(endpoint)
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    result: list[str | None] = []
+
+    def connect() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"{type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return result[0] if result else f"no answer from {host}:{port} within {timeout:.0f} s"
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached from here (a TCP connection to its endpoint,
+    at most ``timeout`` seconds, once per process), or None when it answers or a proxy is
+    configured (then the download itself finds out). Without it a download offline retries
+    for half a minute before failing."""
+    if any(os.environ.get(var) for var in _PROXIES):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return _probe(endpoint, timeout)
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -320,8 +361,11 @@ def resolve(
         ) from None
     patterns = list(_HUB_PATTERNS) + (list(_PICKLE_PATTERNS) if allow_pickle else [])
     try:
-        local = huggingface_hub.snapshot_download(
-            text, revision=revision, allow_patterns=patterns, local_files_only=False
+        local = huggingface_hub.snapshot_download(  # unreachable: the local cache only
+            text,
+            revision=revision,
+            allow_patterns=patterns,
+            local_files_only=hub_offline(),
         )
     except Exception as e:  # network failures come as OSError, httpx errors, hub errors...
         if type(e).__name__ in (
@@ -333,10 +377,12 @@ def resolve(
                 f"{text!r} is not a local directory and the Hugging Face Hub answered "
                 f"{type(e).__name__}: {e}"
             ) from e
+        unreachable = hub_unreachable()
         raise HubOfflineError(
             f"{text!r} is not a local directory, so it was taken as a Hugging Face Hub id, but the "
-            f"download failed ({type(e).__name__}: {e}). This machine looks offline (no route "
-            "to huggingface.co). Download the model on a machine with network access, e.g. "
+            f"download failed ({type(e).__name__}: {e}). This machine looks offline ("
+            + (f"huggingface.co unreachable: {unreachable}" if unreachable else "no route to it")
+            + "). Download the model on a machine with network access, e.g. "
             f"`huggingface-cli download {text} --local-dir DIR` or "
             "`AutoModel.from_pretrained(...).save_pretrained(DIR, safe_serialization=True)`, "
             "copy DIR here, and pass its path (a directory holding config.json and "
@@ -382,7 +428,8 @@ def weight_files(directory: str | os.PathLike, *, allow_pickle: bool = False) ->
                 f"{str(directory)!r} has only pytorch_model.bin (a pickle, which can run code when "
                 "loaded) and no model.safetensors. Convert it to safetensors where torch is "
                 "installed (`from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)`), "
-                "or pass allow_pickle=True if you trust the file."
+                "and set config.model.pretrained to that directory (ftlab's training never unpickles "
+                "weights; from Python, load_pretrained(..., allow_pickle=True) reads a file you trust)."
             )
         return pickled
     raise HFImportError(
@@ -403,10 +450,16 @@ def _read_files(files: Sequence[Path]) -> Iterator[tuple[str, np.ndarray]]:
         if file.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(file), framework="numpy") as f:
-                names = f.keys()  # a safe_open handle is not iterable
-                for name in names:
-                    yield name, f.get_tensor(name)
+            try:
+                with safe_open(str(file), framework="numpy") as f:
+                    names = f.keys()  # a safe_open handle is not iterable
+                    for name in names:
+                        yield name, f.get_tensor(name)
+            except Exception as e:  # noqa: BLE001 (safetensors' SafetensorError, OSError)
+                raise HFImportError(
+                    f"{str(file)!r} cannot be read as safetensors ({type(e).__name__}: {e}); "
+                    "the file is truncated or damaged: download or export it again"
+                ) from None
         else:
             yield from _torch_tensors(file)
 

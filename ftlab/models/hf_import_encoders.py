@@ -284,12 +284,14 @@ def convert_state_dict(
         if missing:
             parts.append(
                 _listing("tensors missing from the checkpoint", missing)
-                + "\n    (allow_missing=[regex of Flax paths] keeps those freshly initialised)"
+                + "\n    (an incomplete checkpoint: download or export config.model.pretrained "
+                "again)"
             )
         if unexpected:
             parts.append(
                 _listing("tensors in the checkpoint the model does not use", unexpected)
-                + "\n    (ignore_unexpected=[regex of HF names] skips them)"
+                + "\n    (config.model.pretrained holds another model than its config.json "
+                "describes, or config.model.hf_config changed its sizes)"
             )
         raise HFImportError("\n".join(parts))
     if fresh:

@@ -57,9 +57,18 @@ def head_for(task: str) -> str:
     return "lm" if task == "causal_lm" else "classifier"
 
 
+def remat_setting(cfg: mc.ConfigDict) -> bool | str:
+    """The models' ``remat`` from ``model.remat_policy`` (none | dots | full); the older
+    ``model.remat = True`` means ``full`` when no policy is named."""
+    policy = cfg.get("remat_policy", "none")
+    return "full" if (policy == "none" and cfg.remat) else policy
+
+
 def build_hf_model(cfg: mc.ConfigDict, task: str, num_outputs: int, dtype: Any) -> nn.Module:
-    """The Flax module for ``model.pretrained`` / ``model.hf_config`` and the task's head."""
+    """The Flax module for ``model.pretrained`` / ``model.hf_config`` and the task's head
+    (``model.attention`` and ``model.remat_policy`` passed to the transformer families)."""
     config = hf_config(cfg)
+    remat, attention_impl = remat_setting(cfg), cfg.get("attention", "auto")
     model_type = config["model_type"]
     head = head_for(task)
     if head == "lm" and model_type in ENCODERS:
@@ -70,11 +79,19 @@ def build_hf_model(cfg: mc.ConfigDict, task: str, num_outputs: int, dtype: Any) 
             extra = {"num_labels": num_outputs} if head == "classifier" else {}
             ftlab_config = family.config_from_hf(config, **extra)
             return family.build(
-                ftlab_config, head=head, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat
+                ftlab_config,
+                head=head,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                remat=remat,
+                attention_impl=attention_impl,
             )
         from ftlab.models.hf_import_encoders import MODELS
 
-        return MODELS[model_type].from_hf_config(config, num_labels=num_outputs, dtype=dtype)
+        extra = {"remat": remat, "attention_impl": attention_impl} if model_type != "resnet" else {}
+        return MODELS[model_type].from_hf_config(
+            config, num_labels=num_outputs, dtype=dtype, **extra
+        )
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"config.model.hf_config: cannot build a {model_type} model: {e}") from e
 
@@ -86,6 +103,15 @@ def load_hf_variables(
 
     Returns (variables, notes on what was dropped or initialised fresh).
     """
+    try:
+        return _load_hf_variables(cfg, model, sample, rng)
+    except HFImportError as e:
+        raise HFImportError(f"config.model.pretrained={cfg.pretrained}: {e}") from None
+
+
+def _load_hf_variables(
+    cfg: mc.ConfigDict, model: nn.Module, sample: Any, rng: jax.Array
+) -> tuple[dict, list[str]]:
     config = hf_config(cfg)
     model_type = config["model_type"]
     directory = hf_import.resolve(cfg.pretrained)

@@ -173,33 +173,152 @@ def attention_bias(
     return _additive(jnp.broadcast_to(allowed, (batch, 1, length, length)), dtype)
 
 
+ATTENTION = ("auto", "xla", "cudnn", "splash", "naive")
+
+
+def _dropout_active(dropout: Callable[[jax.Array], jax.Array] | None) -> bool:
+    """Whether ``dropout`` changes anything (an ``nn.Dropout`` that is deterministic or of rate
+    0 does not; any other callable is assumed to)."""
+    if dropout is None:
+        return False
+    if isinstance(dropout, nn.Dropout):
+        return not dropout.deterministic and dropout.rate > 0
+    return True
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    bias: jax.Array,
+    bias: jax.Array | None,
     scale: float,
     dropout: Callable[[jax.Array], jax.Array] | None = None,
+    *,
+    impl: str = "auto",
+    causal: bool = False,
 ) -> jax.Array:
     """Multi-head / grouped-query attention, softmax in float32.
 
     ``q``: (batch, length, heads, dim); ``k``, ``v``: (batch, keys, kv_heads, dim) with
     ``heads`` a multiple of ``kv_heads`` (query head ``h`` reads kv head ``h // group``);
-    ``bias``: (batch, 1, length, keys). ``keys`` is ``length`` except when decoding with a
-    cache (the cache's length). Returns (batch, length, heads, dim).
+    ``bias``: additive, 0 where allowed and the dtype's minimum where masked, broadcastable to
+    (batch, 1, length, keys) (``attention_bias``, ``padding_bias``), or None. ``keys`` is
+    ``length`` except when decoding with a cache (the cache's length). Returns (batch, length,
+    heads, dim).
+
+    ``impl`` (``config.model.attention``):
+
+    - ``auto`` / ``xla``: ``jax.nn.dot_product_attention`` with ``implementation=None`` (XLA's
+      fused attention; grouped-query heads natively, the bias as its boolean ``mask``);
+    - ``cudnn``: the same call with ``implementation="cudnn"`` (GPU only: bf16/fp16 inputs);
+    - ``splash``: the Pallas splash-attention kernel of TPUs (``splash_attention``; needs the
+      ``causal`` flag, reads padding from the bias; no cache);
+    - ``naive``: the materialised softmax written out here (the reference).
+
+    Attention dropout (training with a rate > 0) always takes the naive path: the fused calls
+    have no dropout.
     """
     b, t, h, d = q.shape
     kvh = k.shape[2]
     if h % kvh:
         raise ValueError(f"{h} query heads are not a multiple of {kvh} key/value heads")
+    if impl not in ATTENTION:
+        raise ValueError(f"attention implementation {impl!r}: choose one of {', '.join(ATTENTION)}")
+    if impl != "naive" and not _dropout_active(dropout):
+        mask = None if bias is None else allowed_from_bias(bias)
+        if impl == "splash":
+            return splash_attention(q, k, v, scale, causal=causal, key_mask=_key_rows(mask, b))
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            scale=scale,
+            implementation="cudnn" if impl == "cudnn" else None,
+        )
     q = q.reshape(b, t, kvh, h // kvh, d)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) * scale
-    scores = scores + bias[:, :, None].astype(jnp.float32)
+    if bias is not None:
+        scores = scores + bias[:, :, None].astype(jnp.float32)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if dropout is not None:
         weights = dropout(weights)
     out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
     return out.reshape(b, t, h, d)
+
+
+def allowed_from_bias(bias: jax.Array) -> jax.Array:
+    """The boolean mask (True: attend) of an additive 0 / dtype-minimum bias."""
+    return bias > jnp.finfo(bias.dtype).min / 2
+
+
+def _key_rows(mask: jax.Array | None, batch: int) -> jax.Array | None:
+    """(batch, keys) padding mask read off a causal or padding mask's last query row (every
+    real key is visible from the last position)."""
+    if mask is None:
+        return None
+    return jnp.broadcast_to(mask[:, 0, -1, :], (batch, mask.shape[-1]))
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    scale: float,
+    *,
+    causal: bool,
+    key_mask: jax.Array | None = None,
+    interpret: bool | None = None,
+    block: int = 128,
+) -> jax.Array:
+    """Attention through the Pallas splash-attention kernel (TPU; ``interpret`` runs it on any
+    backend, default: when not on TPU).
+
+    Shapes as ``attention`` (grouped-query heads through ``make_splash_mqa`` per kv head);
+    ``key_mask`` (batch, keys) marks real tokens: padding becomes segment 0 and real tokens
+    segment 1, so real queries attend to real keys only (padded query rows differ from the
+    naive path's; the loss never reads them). Sequence lengths must be multiples of ``block``
+    (128) and the kernel wants head dims that are multiples of 128.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    b, t, h, d = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    if t % block or s % block:
+        raise ValueError(f"splash attention needs lengths that are multiples of {block}: {t}, {s}")
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    group = h // kvh
+    base = sa.CausalMask((t, s)) if causal else sa.FullMask((t, s))
+    sizes = sa.BlockSizes(
+        block_q=block,
+        block_kv_compute=block,
+        block_kv=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    kernel = sa.make_splash_mqa_single_device(
+        sa.MultiHeadMask([base] * group), block_sizes=sizes, interpret=interpret
+    )
+    # (batch, kv_heads, group, length, dim): each kv head serves its group of query heads
+    qh = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kvh, group, d).transpose(0, 2, 3, 1, 4)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    if key_mask is None:
+        run = jax.vmap(jax.vmap(kernel))  # over batch, then kv heads
+        out = run(qh, kh, vh)
+    else:
+        ids = key_mask.astype(jnp.int32)
+
+        def one(qb, kb, vb, idb):
+            seg = sa.SegmentIds(q=idb[:t] if t == s else jnp.ones((t,), jnp.int32), kv=idb)
+            return jax.vmap(lambda qq, kk, vv: kernel(qq, kk, vv, segment_ids=seg))(qb, kb, vb)
+
+        out = jax.vmap(one)(qh, kh, vh, ids)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def kv_cache(
@@ -237,7 +356,8 @@ def kv_cache(
 class SelfAttention(nn.Module):
     """Multi-head attention with ``query``/``key``/``value``/``output`` dense projections.
 
-    ``bias`` is additive, broadcastable to (batch, heads, q_len, k_len); softmax runs in float32.
+    ``bias`` is additive, broadcastable to (batch, heads, q_len, k_len); softmax runs in float32;
+    ``attention_impl`` picks the kernel (``attention``).
     """
 
     hidden_size: int
@@ -247,6 +367,7 @@ class SelfAttention(nn.Module):
     stddev: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_impl: str = "auto"  # ATTENTION
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array | None = None, *, train: bool = False):
@@ -264,13 +385,11 @@ class SelfAttention(nn.Module):
             return y.reshape(*y.shape[:-1], self.num_heads, head_dim)
 
         q, k, v = heads("query"), heads("key"), heads("value")
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
-        scores = scores.astype(jnp.float32)
-        if bias is not None:
-            scores = scores + bias.astype(jnp.float32)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        probs = nn.Dropout(self.attention_dropout, deterministic=not train)(probs)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*x.shape[:-1], self.hidden_size)
+        drop = nn.Dropout(self.attention_dropout, deterministic=not train)
+        out = attention(
+            q, k, v, bias, 1.0 / float(np.sqrt(head_dim)), drop, impl=self.attention_impl
+        )
+        out = out.reshape(*x.shape[:-1], self.hidden_size)
         return dense(self.hidden_size, ("heads", "embed"), name="output", **kw)(out)
 
 
@@ -303,13 +422,31 @@ def _positional(block: type[nn.Module], train_keyword: bool, carry: bool) -> typ
     )
 
 
+REMAT_POLICIES = ("none", "dots", "full")
+
+
+def remat_policy(remat: bool | str) -> tuple[bool, Callable | None]:
+    """``(recompute?, jax.checkpoint policy)`` of a model's ``remat`` field: ``False`` /
+    ``"none"``: keep every activation; ``True`` / ``"full"``: recompute the whole block in the
+    backward pass (save only its inputs); ``"dots"``: save the results of the matmuls without
+    batch dimensions (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``: the
+    projections), recompute the cheap elementwise work and attention's batched products."""
+    if remat in (False, None, "", "none"):
+        return False, None
+    if remat in (True, "full"):
+        return True, None
+    if remat == "dots":
+        return True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise ValueError(f"remat {remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+
+
 def layer_stack(
     block: type[nn.Module],
     length: int,
     *,
     num_broadcast: int,
     scan: bool,
-    remat: bool,
+    remat: bool | str,
     train_keyword: bool = False,
 ) -> type[nn.Module]:
     """The module class a model instantiates for its stack of ``length`` identical blocks.
@@ -326,14 +463,16 @@ def layer_stack(
     ``unstack_layers``). Dropout keys are split
     per layer, so dropout masks differ from the unrolled model's; with dropout off (eval) the
     two compute the same function. ``remat`` recomputes each block's activations in the
-    backward pass (``prevent_cse=False`` under scan, as ``jax.checkpoint`` advises)."""
+    backward pass (``remat_policy``: ``True``/``"full"``, ``"dots"``, ``False``/``"none"``;
+    ``prevent_cse=False`` under scan, as ``jax.checkpoint`` advises)."""
     static = (num_broadcast + 2,)  # self, x, *broadcast, train
+    recompute, policy = remat_policy(remat)
     if not scan:
         body = _positional(block, train_keyword, carry=False) if train_keyword else block
-        return nn.remat(body, static_argnums=static) if remat else body
+        return nn.remat(body, static_argnums=static, policy=policy) if recompute else body
     body = _positional(block, train_keyword, carry=True)
-    if remat:
-        body = nn.remat(body, static_argnums=static, prevent_cse=False)
+    if recompute:
+        body = nn.remat(body, static_argnums=static, prevent_cse=False, policy=policy)
     return nn.scan(
         body,
         variable_axes={"params": 0},
@@ -593,7 +732,11 @@ class Decoder(nn.Module):
     dict holding ``input_ids`` and optionally ``attention_mask`` (1 = token, 0 = padding) and
     ``position_ids`` (default ``0..length-1`` per row), and applies ``decoder_head``. Logits are
     float32; ``dtype`` is the compute dtype, parameters are kept in ``param_dtype``; ``remat``
-    recomputes each block in the backward pass. ``scan_layers`` runs the blocks as one
+    recomputes each block in the backward pass (``remat_policy``: ``True``/``"full"``,
+    ``"dots"``); ``attention_impl`` picks the attention kernel (``attention``).
+    ``return_hidden=True`` (LM head only) returns ``(hidden, kernel)``: the final hidden states
+    and the LM head's (embed, vocab) matrix in the compute dtype, so a loss can form the logits
+    a chunk at a time (``hidden @ kernel`` are the logits). ``scan_layers`` runs the blocks as one
     ``nn.scan`` (``layer_stack``): one compiled block, parameters stacked on a leading
     ``layers`` axis under a single name (``stack_layers`` / ``unstack_layers`` convert);
     decoding with the cache then is an error (use the unrolled model).
@@ -620,8 +763,9 @@ class Decoder(nn.Module):
     head: str = "lm"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     scan_layers: bool = False
+    attention_impl: str = "auto"
 
     def backbone(
         self,
@@ -667,7 +811,8 @@ class Decoder(nn.Module):
         *,
         train: bool = False,
         decode: bool = False,
-    ) -> jax.Array:
+        return_hidden: bool = False,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         explicit = position_ids is not None or (
             isinstance(inputs, Mapping) and inputs.get("position_ids") is not None
         )
@@ -683,6 +828,14 @@ class Decoder(nn.Module):
         else:
             bias = attention_bias(attention_mask, b, t, self.dtype)
         x, embed = self.backbone(input_ids, position_ids, bias, train, decode)
+        if return_hidden:
+            if self.head != "lm":
+                raise ValueError(f"return_hidden=True needs the LM head, not {self.head!r}")
+            if self.config.tie_word_embeddings:
+                kernel = embed.embedding.T
+            else:
+                kernel = self.variables["params"]["lm_head"]["kernel"]
+            return x, jnp.asarray(kernel, self.dtype)
         return decoder_head(
             x,
             self.head,

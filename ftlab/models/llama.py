@@ -199,6 +199,7 @@ class LlamaAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     decode: bool = False  # keys (rotated) and values through the ``cache`` collection
+    attention_impl: str = "auto"  # ftlab.models.layers.ATTENTION
 
     @nn.compact
     def __call__(
@@ -219,7 +220,9 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = kv_cache(self, k, v, self.decode)
         drop = nn.Dropout(cfg.attention_dropout, deterministic=not train)
-        out = attention(q, k, v, bias, 1.0 / math.sqrt(d), drop).reshape(b, t, h * d)
+        impl = "xla" if (self.decode and self.attention_impl == "splash") else self.attention_impl
+        out = attention(q, k, v, bias, 1.0 / math.sqrt(d), drop, impl=impl, causal=True)
+        out = out.reshape(b, t, h * d)
         return dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out)
 
 
@@ -243,6 +246,7 @@ class LlamaBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     decode: bool = False
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(
@@ -256,9 +260,8 @@ class LlamaBlock(nn.Module):
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         drop = nn.Dropout(cfg.dropout, deterministic=not train)
         h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
-        x = x + drop(
-            LlamaAttention(cfg, dt, pdt, self.decode, name="self_attn")(h, bias, cos, sin, train)
-        )
+        attn = LlamaAttention(cfg, dt, pdt, self.decode, self.attention_impl, name="self_attn")
+        x = x + drop(attn(h, bias, cos, sin, train))
         h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
         return x + drop(LlamaMLP(cfg, dt, pdt, name="mlp")(h))
 
@@ -297,9 +300,13 @@ class Llama(Decoder):
             remat=self.remat,
         )
         if self.scan_layers:
-            x, _ = block(cfg, dt, pdt, False, name="layers")(x, bias, cos, sin, train)
+            x, _ = block(cfg, dt, pdt, False, self.attention_impl, name="layers")(
+                x, bias, cos, sin, train
+            )
         else:
             for i in range(cfg.num_hidden_layers):
-                x = block(cfg, dt, pdt, decode, name=f"layers_{i}")(x, bias, cos, sin, train)
+                x = block(cfg, dt, pdt, decode, self.attention_impl, name=f"layers_{i}")(
+                    x, bias, cos, sin, train
+                )
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="norm")(x)
         return x, embed

@@ -58,6 +58,7 @@ class ViTLayer(nn.Module):
     attention_dropout: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_impl: str = "auto"  # ftlab.models.layers.ATTENTION
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -69,6 +70,7 @@ class ViTLayer(nn.Module):
             self.num_heads,
             self.attention_dropout,
             use_bias=self.qkv_bias,
+            attention_impl=self.attention_impl,
             name="attention",
             **kw,
         )(h, train=train)
@@ -160,8 +162,9 @@ class ViT(nn.Module):
     num_labels: int = 0  # 0: no classifier head
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: bool = False  # recompute each layer's activations in the backward pass
+    remat: bool | str = False  # recompute each layer in the backward pass: True/"full", "dots"
     scan_layers: bool = False  # one nn.scan over the layers (parameters under ``layer``)
+    attention_impl: str = "auto"  # ftlab.models.layers.ATTENTION
 
     @classmethod
     def from_hf_config(cls, config: Any, **overrides: Any) -> ViT:
@@ -219,10 +222,12 @@ class ViT(nn.Module):
             self.attention_dropout,
         )
         if self.scan_layers:
-            x, _ = layer(*fields, name="layer", **kw)(x, train)
+            x, _ = layer(*fields, name="layer", attention_impl=self.attention_impl, **kw)(x, train)
         else:
             for i in range(self.num_layers):
-                x = layer(*fields, name=f"layer_{i}", **kw)(x, train)
+                x = layer(*fields, name=f"layer_{i}", attention_impl=self.attention_impl, **kw)(
+                    x, train
+                )
         x = layer_norm(self.layer_norm_eps, "embed", name="layernorm", **kw)(x)[:, 0]
         if not self.num_labels:
             return x

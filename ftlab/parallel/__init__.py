@@ -1,11 +1,11 @@
-"""Device mesh, logical-axis sharding rules, sharded train steps and the memory planner.
+"""Device mesh, logical-axis sharding rules and sharded train steps (the memory planner that
+compiles them for a target is ``ftlab.plan``, above this package).
 
 - ``mesh``:  ``config.mesh.shape`` (named axes ``data``, ``fsdp``, ``tensor``; one may be -1)
   -> a ``jax.sharding.Mesh``, with divisibility errors that give the numbers;
 - ``rules``: the one table mapping the models' logical axis names to mesh axes;
 - ``shard``: shardings for a whole ``TrainState`` (parameters, LoRA factors, optimizer state)
   and for batches, and the train/eval steps jitted with them (state donated);
-- ``plan``:  per-device memory of a train step from shapes and the compiled step alone.
 
 The same code runs on one CPU, on fake CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``) and on accelerators.

@@ -7,12 +7,14 @@ evaluation, early stopping and checkpoints -> final evaluation on val and test.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,10 +39,11 @@ from ftlab.methods.select import by_regexes
 from ftlab.models import build_model
 from ftlab.parallel import mesh as mesh_lib
 from ftlab.parallel import shard
-from ftlab.schema import validate
+from ftlab.schema import base_config, validate
+from ftlab.train import flops as flops_lib
 from ftlab.train import losses, optim, run_files
 from ftlab.train.state import TrainState
-from ftlab.train.step import make_eval_step, make_train_step
+from ftlab.train.step import make_eval_step, make_train_step, training_loss
 from ftlab.train.writer import MetricWriter
 
 log = logging.getLogger("ftlab")
@@ -196,13 +199,18 @@ def evaluate(
 
 
 def _config_changes(path: Path, cfg: mc.ConfigDict) -> list[str]:
-    """Dotted keys whose values differ between ``cfg`` and the config saved at ``path``."""
+    """Dotted keys whose values differ between ``cfg`` and the config saved at ``path``.
+
+    A key the saved config lacks (added to ftlab since that run) counts only when ``cfg``
+    sets it away from its default, so runs saved by an older ftlab still resume.
+    """
     flat_old = tree.flatten(json.loads(path.read_text()))
     flat_new = tree.flatten(to_dict(cfg))
+    defaults = tree.flatten(to_dict(base_config()))
     return sorted(
         k.replace("/", ".")
         for k in flat_old.keys() | flat_new.keys()
-        if flat_old.get(k) != flat_new.get(k)
+        if flat_old.get(k, defaults.get(k)) != flat_new.get(k)
     )
 
 
@@ -256,30 +264,121 @@ class _EarlyStopping:
         }
 
 
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on Ctrl-C (SIGINT) or SIGTERM (how TPU VMs and spot machines preempt)
+    after saving a checkpoint; ``signum`` says which (the CLI exits with 128 + signum)."""
+
+    def __init__(self, signum: int = signal.SIGINT, message: str = "interrupted"):
+        super().__init__(message)
+        self.signum = int(signum)
+
+
 class _Interrupt:
-    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second one
+    """A first Ctrl-C or SIGTERM asks the loop to checkpoint and stop after the current step
+    (every process of a multi-host run at the same step: see ``agreed``); a second one
     interrupts at once."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                break
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).addFilter(_quiet_interruptions)
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
+            raise Interrupted(signum, f"{signal.Signals(signum).name} again: aborted")
+        self.signum = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        log.warning("%s: saving a checkpoint after this step (again to abort)", name)
+
+    def agreed(self, step: int, every: int) -> int | None:
+        """The signal to stop on at ``step``, the same on every process. One process runs
+        every step's check locally; several share their flags every ``every`` steps (an
+        all-gather, so all stop and save the same step; a SIGTERM reaches every worker)."""
+        if jax.process_count() == 1:
+            return self.signum
+        if step % every:
+            return None
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
+        return int(np.max(flags)) or None
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).removeFilter(_quiet_interruptions)
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+
+
+_QUIET_LOGGERS = ("absl", "concurrent.futures")
+
+
+def _quiet_interruptions(record: logging.LogRecord) -> bool:
+    """Orbax's background threads log a traceback for every part of a save that failed (a
+    full disk: dozens) and for a wait that a second Ctrl-C interrupted; the loop reports
+    each in one line (``CheckpointSaveError``, the CLI's exit message). A write error or an
+    interruption is dropped here; any other error is kept, as one line without traceback."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None:
+        return True
+    if isinstance(exc, (KeyboardInterrupt, OSError)) or "Event loop is closed" in str(exc):
+        return False
+    record.exc_info, record.exc_text = None, None
+    record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+    record.args = ()
+    return True
+
+
+@contextlib.contextmanager
+def _abort_on_error(ckpts: checkpoint.Checkpoints, bar: tqdm):
+    """Leaving the loop by an exception (an interruption, a failed save, a non-finite loss):
+    end the progress bar's line, let a pending save finish and release Orbax's threads
+    quietly, so that exiting prints no traceback from them."""
+    try:
+        yield
+    except BaseException:
+        bar.close()
+        _ignore_closed_event_loops()
+        ckpts.abort()
+        raise
+
+
+def _winding_down(record: logging.LogRecord) -> bool:
+    return _quiet_interruptions(record)
+
+
+def _ignore_closed_event_loops() -> None:
+    """Orbax's aborted background writes report "Event loop is closed" from threads as they
+    wind down, after the loop has left (logged, or through ``sys.unraisablehook``); the
+    failure itself was reported already. For the rest of the process, they are dropped."""
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).addFilter(_winding_down)
+    previous = sys.unraisablehook
+    if getattr(previous, "_ftlab_quiet", False):
+        return
+
+    def hook(unraisable) -> None:
+        if "Event loop is closed" not in str(unraisable.exc_value):
+            previous(unraisable)
+
+    hook._ftlab_quiet = True
+    sys.unraisablehook = hook
 
 
 def _train_batches(
@@ -328,7 +427,14 @@ def prepare(
     validate(cfg)
     if data is None:
         data = load_dataset(cfg.data, tokenizer=cfg.model.pretrained)
-    pipeline.steps_per_epoch(len(data.train), cfg.train.batch_size, cfg.data.last_batch)
+    per_epoch = pipeline.steps_per_epoch(len(data.train), cfg.train.batch_size, cfg.data.last_batch)
+    total_steps = cfg.train.num_steps or cfg.train.num_epochs * per_epoch
+    if cfg.optim.warmup_steps > total_steps:
+        raise ConfigError(
+            f"config.optim.warmup_steps: {cfg.optim.warmup_steps} warm-up steps is longer than "
+            f"the run's {total_steps} steps (the learning rate would never reach its peak nor "
+            "decay); lower optim.warmup_steps or train longer (train.num_steps / num_epochs)"
+        )
     task_metrics = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
     if data.task == "regression":
         task_metrics = ("mse", "mae")
@@ -351,8 +457,47 @@ def prepare(
     model = build_model(
         cfg.model, data.num_outputs, compute_dtype(cfg.train.compute_dtype), data.task
     )
+    _check_vocab(cfg, data, model)
     shapes = jax.eval_shape(model.init, jax.random.key(cfg.seed), data.train.sample_inputs())
     return data, model, build_method(cfg.method, nn.meta.unbox(shapes["params"]))
+
+
+def _check_vocab(cfg: mc.ConfigDict, data: Dataset, model: nn.Module) -> None:
+    """A tokenizer with more tokens than the model's embedding has rows would index past it
+    (a NaN loss at the first step): an error before compiling."""
+    if data.tokenizer is None:
+        return
+    config = getattr(model, "config", model)
+    rows = getattr(config, "vocab_size", None)
+    tokens = len(data.tokenizer)
+    if rows is not None and tokens > int(rows):
+        source = cfg.data.tokenizer or cfg.model.pretrained
+        raise ConfigError(
+            f"config.data.tokenizer: the tokenizer ({source}) has {tokens} tokens but the "
+            f"model's embedding has {rows} rows (vocab_size); set "
+            f"config.model.hf_config.vocab_size to at least {tokens}, or choose the model's "
+            "own tokenizer in config.data.tokenizer"
+        )
+
+
+def check_writable(workdir) -> None:
+    """A workdir that cannot be written is an error before any loading or compiling: a file is
+    created and removed in it (or in its nearest existing parent)."""
+    from etils import epath
+
+    path = epath.Path(workdir)
+    probe_dir = path
+    while not probe_dir.exists() and probe_dir.parent != probe_dir:
+        probe_dir = probe_dir.parent
+    probe = probe_dir / f".ftlab-write-test-{jax.process_index()}-{time.time_ns()}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"--workdir {workdir}: cannot write in {probe_dir} ({e.strerror or e}); choose a "
+            "writable --workdir"
+        ) from None
 
 
 @dataclasses.dataclass
@@ -411,8 +556,11 @@ def build(cfg: mc.ConfigDict, data: Dataset | None = None) -> Run:
     state = jax.jit(init, out_shardings=state_sh)(params, model_state)
     del params, model_state  # donated into the state: never read them again
     loss_fn = losses.per_example_loss(cfg.train.loss, cfg.train.label_smoothing)
+    train_loss, model_kwargs = training_loss(cfg.train, method, loss_fn)  # chunked CE or not
     train_step = shard.jit_train_step(
-        make_train_step(model, method, tx, lr_schedule, loss_fn, cfg.optim.accum_steps),
+        make_train_step(
+            model, method, tx, lr_schedule, train_loss, cfg.optim.accum_steps, model_kwargs
+        ),
         state_sh,
         batch_sh,
     )
@@ -452,6 +600,7 @@ def train(
     if finished is not None:
         log.info("%s: finished already (summary.json); nothing to do", workdir)
         return finished
+    check_writable(workdir)
     with run_files.RunLog() as run_log:
         return _train(cfg, workdir, run_log, on_step=on_step, data=data)
 
@@ -530,6 +679,7 @@ def _train(
         nonlocal pending, window_start, window_steps
         if not pending:
             return
+        ckpts.check_for_errors()  # a failed background save stops the run at once
         fetched = _fetch([m for _, m in pending])
         for (s, _), m in zip(pending, fetched):
             if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
@@ -553,6 +703,9 @@ def _train(
         in_use = run_files.device_memory("bytes_in_use")
         if in_use is not None:
             record["train/device_memory_bytes"] = float(in_use)
+        mfu = flops_lib.run_mfu(model, method, state, tokens, rate)  # None: peak unknown (CPU)
+        if mfu is not None:
+            record["train/mfu"] = mfu
         writer.write(pending[-1][0], record)
         bar.set_postfix(
             loss=f"{record['train/loss']:.4f}",
@@ -568,7 +721,7 @@ def _train(
         meta = {**stopper.meta(), "step": step, "data": batches.state()}
         ckpts.save(step, state, meta, force=force)
 
-    with _Interrupt() as interrupt, batches:
+    with _Interrupt() as interrupt, batches, _abort_on_error(ckpts, bar):
         while step < total_steps and not stopper.stopped:
             state, step_metrics = train_step(state, next(batches))
             if sync_every_step:
@@ -604,7 +757,8 @@ def _train(
             speed.resume()
             if on_step is not None:
                 on_step(step)
-            if interrupt.requested:
+            signum = interrupt.agreed(step, cfg.train.log_every)
+            if signum is not None:
                 save(force=True)
                 ckpts.wait()
                 bar.close()
@@ -612,7 +766,7 @@ def _train(
                     "checkpoint saved at step %d; run the same command again to resume",
                     step,
                 )
-                raise KeyboardInterrupt
+                raise Interrupted(signum, f"checkpoint saved at step {step}")
     speed.pause(state)
     save(force=True)
     bar.close()

@@ -50,6 +50,52 @@ def causal_lm_loss(logits: jax.Array, batch: dict, label_smoothing: float = 0.0)
     return jnp.sum(per_token * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
 
 
+def chunked_causal_lm_loss(
+    hidden: jax.Array,
+    kernel: jax.Array,
+    batch: dict,
+    chunk: int,
+    label_smoothing: float = 0.0,
+) -> jax.Array:
+    """``causal_lm_loss(hidden @ kernel, batch)`` computed ``chunk`` positions at a time.
+
+    ``hidden``: (batch, length, embed) final hidden states, ``kernel``: (embed, vocab) LM head
+    (``Decoder(return_hidden=True)``). A scan over chunks of the sequence forms each chunk's
+    float32 logits, its token losses summed per example, under ``jax.checkpoint`` (the backward
+    pass recomputes the chunk's logits), so batch x length x vocabulary logits never exist at
+    once: at most batch x chunk x vocabulary. Same value and gradients as the plain path.
+    """
+    labels = batch["labels"]
+    b, t, e = hidden.shape
+    n = -(-t // chunk)
+    if n * chunk != t:  # pad to whole chunks; padded positions have no target
+        hidden = jnp.pad(hidden, ((0, 0), (0, n * chunk - t), (0, 0)))
+        labels = jnp.pad(labels, ((0, 0), (0, n * chunk - t)), constant_values=-1)
+    hs = hidden.reshape(b, n, chunk, e).swapaxes(0, 1)
+    ls = labels.reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def part(h, lab, w):
+        logits = jnp.dot(h, w).astype(jnp.float32)
+        per_token = cross_entropy(logits, jnp.maximum(lab, 0), label_smoothing)
+        return jnp.sum(per_token * (lab >= 0), -1)
+
+    def body(total, xs):
+        return total + part(*xs, kernel), None
+
+    sums, _ = jax.lax.scan(body, jnp.zeros((b,), jnp.float32), (hs, ls))
+    count = jnp.sum((labels >= 0).astype(jnp.float32), -1)
+    return sums / jnp.maximum(count, 1.0)
+
+
+def chunked_causal_lm(chunk: int, label_smoothing: float = 0.0):
+    """``(outputs, batch) -> per-example losses`` for a model called with
+    ``return_hidden=True`` (outputs: ``(hidden, kernel)``)."""
+    return lambda outputs, batch: chunked_causal_lm_loss(
+        outputs[0], outputs[1], batch, chunk, label_smoothing
+    )
+
+
 def squared_error(outputs: jax.Array, targets: jax.Array) -> jax.Array:
     """Per-example squared error, summed over output dimensions."""
     outputs = outputs.astype(jnp.float32).reshape(outputs.shape[0], -1)

@@ -63,6 +63,26 @@ def _decoupled_weight_decay(rate: float, lr: optax.Schedule) -> optax.GradientTr
     return optax.GradientTransformation(init, update)
 
 
+def with_state_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """``tx`` whose floating state (adam's moments) is stored in ``dtype`` between steps and
+    computed in float32 inside the update (``optim.state_dtype = "bfloat16"`` halves it)."""
+
+    def cast(state, to):
+        return jax.tree.map(
+            lambda x: x.astype(to) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x,
+            state,
+        )
+
+    def init(params):
+        return cast(tx.init(params), dtype)
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(init, update)
+
+
 def optimizer(
     cfg: mc.ConfigDict, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -80,4 +100,6 @@ def optimizer(
         raise ValueError(f"unknown optimizer {cfg.name!r}")
     if cfg.clip_norm > 0:
         base = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), base)
+    if cfg.get("state_dtype", "float32") != "float32":
+        base = with_state_dtype(base, jnp.dtype(cfg.state_dtype))
     return base, lr

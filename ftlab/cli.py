@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--workdir",
         help="output folder (default: runs/<config name>, or runs/<name>-<arg> for a config "
-        "argument, its commas made dashes: runs/gpt2_e2e-lora-runlocal)",
+        "argument, its commas made dashes: runs/gpt2_e2e-lora-runlocal); or gs://BUCKET/PATH "
+        "(checkpoints written there, the rest staged locally and copied: README, Scale-out)",
     )
     s = command(
         "sweep",
@@ -340,13 +341,13 @@ def _train(args, spec, overrides, log) -> int:
             f"{spec} declares no stages, variants or sweep: nothing to sweep; "
             "`ftlab train` runs a single config"
         )
-    if args.workdir and "://" in args.workdir:
-        raise ConfigError(
-            f"--workdir {args.workdir}: a URL for the whole run directory is not supported (its "
-            "TensorBoard files, plots and reports are written locally); mount the bucket "
-            "(gcsfuse BUCKET /mnt/shared) and pass the mount's path"
-        )
-    workdir = Path(args.workdir) if args.workdir else default_workdir(spec)
+    workdir = args.workdir or default_workdir(spec)
+    if "://" in str(workdir):  # gs://...: staged locally (ftlab.workdir); a scheme etils
+        from ftlab.workdir import remote_path  # cannot open is refused here
+
+        remote_path(str(workdir))
+    else:
+        workdir = Path(workdir)
     from ftlab.experiment import run_experiment  # heavy imports after the cheap checks
     from ftlab.train.loop import NonFiniteLossError
 

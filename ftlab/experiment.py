@@ -33,6 +33,7 @@ from ftlab.config import ConfigError, override_copy, to_dict
 from ftlab.eval.compare import write_comparison
 from ftlab.schema import validate
 from ftlab.train.loop import check_writable, prepare, train
+from ftlab.workdir import is_remote
 
 __all__ = ["DataCache", "Planned", "derive", "describe", "plan", "run_experiment"]
 
@@ -202,10 +203,16 @@ def _finished(name: str, run: mc.ConfigDict, where: Path) -> dict | None:
 def run_experiment(cfg: mc.ConfigDict, workdir: str | Path) -> dict:
     """Train a plain config, or every stage then every variant of a multi-run one; returns
     ``{variant: [summary per seed]}`` (a plain config: its summary)."""
+    url = workdir if is_remote(workdir) else None
     workdir = Path(workdir)
     planned = plan(cfg, workdir)  # expands (and so checks) the sweep
     if not planned:
-        return train(cfg, workdir)
+        return train(cfg, url or workdir)
+    if url is not None:
+        raise ConfigError(
+            f"--workdir {url}: a URL workdir holds one run; run a multi-run experiment in a "
+            "local or mounted workdir (gcsfuse), or train each config into its own URL"
+        )
     validate(cfg)
     check_writable(workdir)  # before any data is loaded
     stage_names = [name for name, _ in cfg.stages]

@@ -332,12 +332,15 @@ def test_an_unreachable_hub_is_found_in_seconds(monkeypatch):
     assert time.perf_counter() - start < 3
 
 
-def test_a_url_workdir_is_refused_with_advice(tmp_path, capsys):
+def test_a_url_workdir_etils_cannot_open_is_refused(tmp_path, capsys):
+    """gs:// workdirs are staged (tests/test_remote_workdir.py); an unknown scheme is an error
+    before anything is loaded."""
     from ftlab.cli import main
 
-    code = main(["train", _config_file(tmp_path), "--workdir", "gs://bucket/run"])
+    code = main(["train", _config_file(tmp_path), "--workdir", "nosuch://bucket/run"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and "gcsfuse" in err[-1] and not (tmp_path / "gs:").exists()
+    assert code == 2 and "etils.epath cannot open" in err[-1]
+    assert not (tmp_path / "nosuch:").exists()
 
 
 def test_several_hosts_stop_at_the_same_step(monkeypatch):

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ftlab import checkpoint, tree
+from ftlab import workdir as workdir_lib
 from ftlab.config import ConfigError, to_dict
 from ftlab.data import Dataset, Split, augment, load_dataset, pipeline
 from ftlab.data.batches import eval_batches, nest
@@ -594,15 +595,18 @@ def train(
 
     A finished run (its summary written, the same config) is not touched again: its summary
     is returned as it is.
+    A URL workdir (``gs://bucket/run``) is staged locally (``ftlab.workdir``): checkpoints and
+    params go to it directly, the run's other files are copied to it at each checkpoint and
+    at the end.
     """
-    workdir = Path(workdir)
-    finished = finished_summary(workdir, cfg)
-    if finished is not None:
-        log.info("%s: finished already (summary.json); nothing to do", workdir)
-        return finished
-    check_writable(workdir)
-    with run_files.RunLog() as run_log:
-        return _train(cfg, workdir, run_log, on_step=on_step, data=data)
+    with workdir_lib.opened(workdir) as wd:  # a scheme etils cannot open: a ConfigError
+        finished = finished_summary(wd.local, cfg)
+        if finished is not None:
+            log.info("%s: finished already (summary.json); nothing to do", wd.url or wd.local)
+            return finished
+        check_writable(wd.url or wd.local)
+        with run_files.RunLog() as run_log:
+            return _train(cfg, wd, run_log, on_step=on_step, data=data)
 
 
 def finished_summary(workdir: Path, cfg: mc.ConfigDict) -> dict | None:
@@ -617,13 +621,14 @@ def finished_summary(workdir: Path, cfg: mc.ConfigDict) -> dict | None:
 
 def _train(
     cfg: mc.ConfigDict,
-    workdir: Path,
+    wd: workdir_lib.Workdir,
     run_log: run_files.RunLog,
     *,
     on_step: Callable[[int], None] | None,
     data: Dataset | None,
 ) -> dict:
     start_time = time.time()
+    workdir, store = wd.local, wd.store  # store: checkpoints and params (a remote, directly)
     run = build(cfg, data)
     data, model, method, state = run.data, run.model, run.method, run.state
     train_step, eval_step, batch_sh = run.train_step, run.eval_step, run.batch_sharding
@@ -646,7 +651,7 @@ def _train(
         )
     es_cfg = cfg.early_stopping
     ckpts = checkpoint.Checkpoints(
-        workdir / "checkpoints",
+        store / "checkpoints",
         save_every=cfg.checkpoint.every_steps,
         keep=cfg.checkpoint.keep,
         async_save=cfg.checkpoint.async_save,
@@ -656,7 +661,7 @@ def _train(
     meta: dict = {}
     if ckpts.latest_step() is not None:
         state, meta = ckpts.restore(state)
-        log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
+        log.info("resumed from %s at step %d", store / "checkpoints", int(state.step))
     stopper = _EarlyStopping(es_cfg, meta)
     batches = _train_batches(cfg, data, int(state.step), meta, batch_sh)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_from=int(state.step))
@@ -687,7 +692,7 @@ def _train(
                 raise NonFiniteLossError(
                     f"non-finite {'loss' if not math.isfinite(m['loss']) else 'gradient'} at step {s} "
                     f"(loss={m['loss']}, grad_norm={m['grad_norm']}); stopped. The last good checkpoint "
-                    f"is step {ckpts.latest_step()} in {workdir / 'checkpoints'}; lower optim.lr or "
+                    f"is step {ckpts.latest_step()} in {store / 'checkpoints'}; lower optim.lr or "
                     "check the data"
                 )
         rate = window_steps * cfg.train.batch_size / max(time.time() - window_start, 1e-9)
@@ -719,7 +724,8 @@ def _train(
         if force and step in ckpts.all_steps():
             return
         meta = {**stopper.meta(), "step": step, "data": batches.state()}
-        ckpts.save(step, state, meta, force=force)
+        if ckpts.save(step, state, meta, force=force):
+            wd.sync()  # a remote workdir gets the metrics and logs up to this checkpoint
 
     with _Interrupt() as interrupt, batches, _abort_on_error(ckpts, bar):
         while step < total_steps and not stopper.stopped:
@@ -828,7 +834,7 @@ def _train(
         "test": test,
         "lineage": run_files.resolve_init(cfg.init.checkpoint)[1] if cfg.init.checkpoint else [],
     }
-    _save_final(cfg, workdir, data, method, state)  # every process: collective saves
+    _save_final(cfg, wd, data, method, state)  # every process: collective saves
     if jax.process_index() == 0:
         run_files.write_outputs(cfg, workdir, summary, data, outputs)
     log.info("done: %s", metrics_lib.scalars(test or val))
@@ -921,15 +927,16 @@ def _export(
 
 
 def _save_final(
-    cfg: mc.ConfigDict, workdir: Path, data: Dataset, method: Method, state: TrainState
+    cfg: mc.ConfigDict, wd: workdir_lib.Workdir, data: Dataset, method: Method, state: TrainState
 ) -> None:
     """The final parameters (LoRA merged) for later stages, and the configured exports. Every
-    process calls it: Orbax saves and the gathers of sharded arrays are collective."""
-    params_dir = workdir / "params"
+    process calls it: Orbax saves and the gathers of sharded arrays are collective. Params go
+    to ``wd.store`` (a remote workdir itself), the exports to ``wd.local``."""
+    params_dir = wd.store / "params"
     if not params_dir.exists():
         checkpoint.save_pytree(
             params_dir, jax.jit(method.merged_params)(state.trainable, state.frozen)
         )
-    if state.model_state and not (workdir / "model_state").exists():
-        checkpoint.save_pytree(workdir / "model_state", state.model_state)
-    _export(cfg, workdir, data, method, state)
+    if state.model_state and not (wd.store / "model_state").exists():
+        checkpoint.save_pytree(wd.store / "model_state", state.model_state)
+    _export(cfg, wd.local, data, method, state)

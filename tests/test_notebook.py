@@ -1,6 +1,6 @@
 """experiments/colab_tpu.ipynb executed on CPU, shrunk (FTLAB_NOTEBOOK_SMOKE=1): its code cells
 run in order in one Python process, as a kernel would (``!cmd`` lines through the shell;
-``IPython.display`` stubbed when IPython is not installed)."""
+IPython, which the test extras install, for ``IPython.display``)."""
 
 import json
 import os
@@ -15,13 +15,7 @@ NOTEBOOK = ROOT / "experiments" / "colab_tpu.ipynb"
 def notebook_script(path: Path) -> str:
     """The notebook's code cells as one script (shell escapes become subprocess calls)."""
     lines = [
-        "import subprocess as _sp, sys as _sys, types as _types",
-        "try:\n    import IPython.display\nexcept ImportError:",
-        "    _d = _types.ModuleType('IPython.display')",
-        "    _d.Image = _d.Markdown = lambda *a, **k: a",
-        "    _d.display = lambda *a, **k: None",
-        "    _sys.modules['IPython'] = _types.ModuleType('IPython')",
-        "    _sys.modules['IPython.display'] = _d",
+        "import subprocess as _sp",
     ]
     cells = json.loads(path.read_text())["cells"]
     for cell in cells:

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ftlab.plan import KNOWN_MODELS
+
 HERE = Path(__file__).parent
 TORCH_WORKER = HERE / "bench_torch.py"
 
@@ -69,13 +71,8 @@ class Case:
         )
 
 
-GPT2_MEDIUM = {
-    "model_type": "gpt2",
-    "vocab_size": 50257,
-    "n_positions": 1024,
-    "n_embd": 1024,
-    "n_layer": 24,
-    "n_head": 16,
+GPT2_MEDIUM = {  # the planner's shapes of the hub model, with its training-time settings
+    **KNOWN_MODELS["gpt2-medium"],
     "activation_function": "gelu_new",
     "embd_pdrop": 0.1,
     "attn_pdrop": 0.1,
@@ -83,18 +80,7 @@ GPT2_MEDIUM = {
     "tie_word_embeddings": True,
 }
 GPT2_SMALL = {"n_embd": 384, "n_layer": 6, "n_head": 6, "vocab_size": 8192, "n_positions": 256}
-LLAMA_7B = {
-    "model_type": "llama",
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-}
+LLAMA_7B = {**KNOWN_MODELS["huggyllama/llama-7b"], "tie_word_embeddings": False}
 LLAMA_SMALL = {
     "hidden_size": 512,
     "intermediate_size": 1376,

@@ -271,12 +271,12 @@ def mfu(flops_per_step: float, seconds_per_step: float, peak_per_device: float, 
     return flops_per_step / seconds_per_step / (peak_per_device * devices)
 
 
-def run_mfu(model, method, state, tokens_per_example: int | None, examples_per_sec: float):
-    """``train/mfu`` of a training run: the step's model FLOPs (``method_step_flops``) at
-    ``examples_per_sec`` over the peak of all devices; None where either is unknown (models
-    other than the causal-LM decoders, a device without a peak figure: CPU, unless
-    ``FTLAB_PEAK_FLOPS`` is set)."""
-    if not tokens_per_example or getattr(model, "head", None) != "lm" or examples_per_sec <= 0:
+def mfu_per_example_rate(model, method, state, tokens_per_example: int | None) -> float | None:
+    """MFU per training example per second: the step's model FLOPs for one example
+    (``method_step_flops``) over the peak of all devices. Constant for a run, so the loop
+    computes it once; None where either is unknown (models other than the causal-LM
+    decoders, a device without a peak figure: CPU, unless ``FTLAB_PEAK_FLOPS`` is set)."""
+    if not tokens_per_example or getattr(model, "head", None) != "lm":
         return None
     peak = peak_flops()
     if peak is None:
@@ -287,4 +287,12 @@ def run_mfu(model, method, state, tokens_per_example: int | None, examples_per_s
     per_example = method_step_flops(
         method, state.trainable, state.frozen, batch=1, seq_len=tokens_per_example, tied=tied
     ).total
-    return per_example * examples_per_sec / (peak[0] * jax.device_count())
+    return per_example / (peak[0] * jax.device_count())
+
+
+def run_mfu(model, method, state, tokens_per_example: int | None, examples_per_sec: float):
+    """``train/mfu`` of a training run at ``examples_per_sec`` (see ``mfu_per_example_rate``)."""
+    scale = mfu_per_example_rate(model, method, state, tokens_per_example)
+    if scale is None or examples_per_sec <= 0:
+        return None
+    return scale * examples_per_sec

@@ -361,6 +361,8 @@ def _abort_on_error(ckpts: checkpoint.Checkpoints, bar: tqdm):
 
 
 def _winding_down(record: logging.LogRecord) -> bool:
+    """``_quiet_interruptions`` as a filter of its own, installed for the rest of the process:
+    ``_Interrupt.__exit__`` removes its filter by identity and must not remove this one."""
     return _quiet_interruptions(record)
 
 
@@ -670,7 +672,9 @@ def _train(
     step = int(state.step)
     pending: list[tuple[int, dict]] = []
     window_start, window_steps = time.time(), 0
-    speed = run_files.Speed(cfg.train.batch_size, run_files.tokens_per_example(data))
+    tokens = run_files.tokens_per_example(data)
+    speed = run_files.Speed(cfg.train.batch_size, tokens)
+    mfu_rate = flops_lib.mfu_per_example_rate(model, method, state, tokens)  # once: constant
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -702,15 +706,13 @@ def _train(
             "train/lr": float(fetched[-1]["lr"]),
             "train/examples_per_sec": rate,
         }
-        tokens = run_files.tokens_per_example(data)
         if tokens:
             record["train/tokens_per_sec"] = rate * tokens
         in_use = run_files.device_memory("bytes_in_use")
         if in_use is not None:
             record["train/device_memory_bytes"] = float(in_use)
-        mfu = flops_lib.run_mfu(model, method, state, tokens, rate)  # None: peak unknown (CPU)
-        if mfu is not None:
-            record["train/mfu"] = mfu
+        if mfu_rate is not None:  # None: peak unknown (CPU)
+            record["train/mfu"] = mfu_rate * rate
         writer.write(pending[-1][0], record)
         bar.set_postfix(
             loss=f"{record['train/loss']:.4f}",

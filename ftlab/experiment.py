@@ -29,11 +29,11 @@ import jax
 import ml_collections as mc
 
 from ftlab import sweep, tree
+from ftlab import workdir as workdir_lib
 from ftlab.config import ConfigError, override_copy, to_dict
 from ftlab.eval.compare import write_comparison
 from ftlab.schema import validate
 from ftlab.train.loop import check_writable, prepare, train
-from ftlab.workdir import is_remote
 
 __all__ = ["DataCache", "Planned", "derive", "describe", "plan", "run_experiment"]
 
@@ -74,9 +74,10 @@ def plan(cfg: mc.ConfigDict, workdir: str | Path) -> list[Planned]:
 
 
 def _run_config(
-    cfg: mc.ConfigDict, name: str, overrides: dict, workdir: Path, stage_names: list[str]
+    cfg: mc.ConfigDict, name: str, overrides: dict, workdir, stage_names: list[str]
 ) -> mc.ConfigDict:
-    """The base plus the run's overrides, experiment keys cleared, stage references resolved."""
+    """The base plus the run's overrides, experiment keys cleared, stage references resolved
+    (to ``workdir/STAGE/params``; ``workdir`` a local path or the bucket's)."""
     try:
         run = override_copy(cfg, {**overrides, **_EXPERIMENT_KEYS})
     except ConfigError as e:
@@ -89,6 +90,9 @@ def _run_config(
                 f"run {name!r}: config.init.checkpoint {ref!r} names no stage; stages: {stage_names}"
             )
         run.init.checkpoint = str(workdir / stage / "params")
+    stage = run.distill.teacher.removeprefix("stage:")  # distillation's teacher, the same way
+    if stage != run.distill.teacher and stage in stage_names:
+        run.distill.teacher = str(workdir / stage / "params")
     return run
 
 
@@ -202,26 +206,28 @@ def _finished(name: str, run: mc.ConfigDict, where: Path) -> dict | None:
 
 def run_experiment(cfg: mc.ConfigDict, workdir: str | Path) -> dict:
     """Train a plain config, or every stage then every variant of a multi-run one; returns
-    ``{variant: [summary per seed]}`` (a plain config: its summary)."""
-    url = workdir if is_remote(workdir) else None
-    workdir = Path(workdir)
-    planned = plan(cfg, workdir)  # expands (and so checks) the sweep
-    if not planned:
-        return train(cfg, url or workdir)
-    if url is not None:
-        raise ConfigError(
-            f"--workdir {url}: a URL workdir holds one run; run a multi-run experiment in a "
-            "local or mounted workdir (gcsfuse), or train each config into its own URL"
-        )
+    ``{variant: [summary per seed]}`` (a plain config: its summary).
+
+    A URL workdir (``gs://bucket/experiment``) is staged as one (``ftlab.workdir``): the runs'
+    small files sit in the stage below it, their checkpoints and params go to the bucket, and
+    every run's files are pushed when it ends."""
+    if not plan(cfg, "WORKDIR"):
+        return train(cfg, workdir)
     validate(cfg)
     check_writable(workdir)  # before any data is loaded
+    with workdir_lib.opened(workdir) as root:
+        return _run_all(cfg, root)
+
+
+def _run_all(cfg: mc.ConfigDict, root: workdir_lib.Workdir) -> dict:
+    planned = plan(cfg, root.local)
     stage_names = [name for name, _ in cfg.stages]
     cache = DataCache()
     # Derive (and so validate) every run before the first one starts; finished runs are
     # only read back, so resuming an interrupted sweep reruns the unfinished points alone.
     jobs = []
     for p in planned:
-        run = _run_config(cfg, p.name, p.overrides, workdir, stage_names)
+        run = _run_config(cfg, p.name, p.overrides, root.store, stage_names)
         done = _finished(p.name, run, p.workdir)
         if done is None:
             _check(run, p.name, cache)
@@ -239,31 +245,37 @@ def run_experiment(cfg: mc.ConfigDict, workdir: str | Path) -> dict:
     results: dict[str, list[dict]] = {}
     for i, (p, run, done) in enumerate(jobs, 1):
         label = f"{p.kind} {p.name}" + ("" if p.seed is None else f" seed {p.seed}")
+        rel = p.workdir.relative_to(root.local)
         if done is None:
-            log.info("== [%d/%d] %s (%s)", i, len(jobs), label, p.workdir.relative_to(workdir))
-            summary = train(run, p.workdir, data=cache.get(run))
+            log.info("== [%d/%d] %s (%s)", i, len(jobs), label, rel)
+            summary = train(run, root.child(rel), data=cache.get(run))
             cache.release(run)
+            root.sync()  # a remote experiment: this run's files are in the bucket now
         else:
             log.info("== [%d/%d] %s: finished already, summary read", i, len(jobs), label)
             summary = done
         if p.kind == "variant":
-            results.setdefault(p.name, []).append(
-                {**summary, "workdir": str(p.workdir), "seed": p.seed}
-            )
+            where = f"{root.url}/{rel.as_posix()}" if root.url else str(p.workdir)
+            results.setdefault(p.name, []).append({**summary, "workdir": where, "seed": p.seed})
     if results and jax.process_index() == 0:
-        table = write_comparison(
-            workdir, results, cfg.early_stopping.metric, baseline=cfg.baseline or None
-        )
-        _write_report(workdir, results, table)
+
+        def staged(where: str) -> Path:  # a run's files: in the stage of a remote experiment
+            return root.local / where.removeprefix(f"{root.url}/") if root.url else Path(where)
+
+        metric, baseline = cfg.early_stopping.metric, cfg.baseline or None
+        table = write_comparison(root.local, results, metric, baseline=baseline, locate=staged)
+        _write_report(root.local, results, table, staged)
     return results
 
 
-def _write_report(workdir: Path, results: dict[str, list[dict]], table_md: str) -> None:
+def _write_report(
+    workdir: Path, results: dict[str, list[dict]], table_md: str, locate=Path
+) -> None:
     """The experiment's report.md / report.html: the comparison, then every variant's curves,
     confusion matrices, analysis, verdict and data report (first seed's pictures)."""
     from ftlab.eval.run_report import write_report
 
-    runs = {name: [Path(r["workdir"]) for r in rs] for name, rs in results.items()}
+    runs = {name: [locate(r["workdir"]) for r in rs] for name, rs in results.items()}
     images = [workdir / "comparison.png"] if (workdir / "comparison.png").exists() else []
     write_report(workdir, workdir.name, runs, table_md, images)
 

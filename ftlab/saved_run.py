@@ -22,10 +22,12 @@ written except new files under ``eval/``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ import ml_collections as mc
 import numpy as np
 import pandas as pd
 
+from ftlab import workdir as workdir_lib
 from ftlab.config import ConfigError, apply_overrides, from_dict
 
 log = logging.getLogger("ftlab")
@@ -48,12 +51,22 @@ class InputError(ConfigError):
 
 
 def run_directory(path: str | Path) -> Path:
-    run_dir = Path(path)
+    """``path`` checked to be a directory (a URL, ``gs://bucket/run``: an ``epath.Path``)."""
+    run_dir = workdir_lib.as_path(path)
     if not run_dir.exists():
         raise InputError(f"run directory '{run_dir}' does not exist")
     if not run_dir.is_dir():
         raise InputError(f"'{run_dir}' is not a run directory (not a directory)")
     return run_dir
+
+
+@contextlib.contextmanager
+def opened(path: str | Path) -> Iterator[workdir_lib.Workdir]:
+    """The run directory ``path`` as a ``Workdir``: a URL is staged (its files pulled, what a
+    command writes under ``eval/`` pushed back), its checkpoints read from the bucket."""
+    run_directory(path)
+    with workdir_lib.opened(path) as wd:
+        yield wd
 
 
 def load_config(run_dir: str | Path) -> mc.ConfigDict:
@@ -137,7 +150,8 @@ class Restored:
 
 
 def restore(run_dir: Path, cfg: mc.ConfigDict, which: Checkpoint, data: Any = None) -> Restored:
-    """Build the run (data, model, method, sharded state) and restore the checkpoint into it."""
+    """Build the run (data, model, method, sharded state) and restore the checkpoint into it
+    (from ``run_dir/checkpoints``: a bucket's for a remote run, ``Workdir.store``)."""
     from ftlab import checkpoint
     from ftlab.train.loop import build
 

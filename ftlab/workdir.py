@@ -5,7 +5,8 @@ reports, summary.json, exports) with local file APIs, so a remote workdir is mir
 local stage, ``$FTLAB_STAGE_DIR`` or ``$TMPDIR/ftlab-stage``, in
 ``<sha256 of the URL>-<process>/<the URL's last name>``.
 At the start the stage is emptied and the remote's files are pulled into it (all but
-``DIRECT`` and ``tb/``); Orbax checkpoints and the final ``params``/``model_state`` are
+``DIRECT`` and ``tb/`` of the workdir and of every run directory below it: an experiment's
+runs are staged with it, see ``Workdir.child``); Orbax checkpoints and the final ``params``/``model_state`` are
 written to the remote directly (``ftlab.checkpoint`` goes through ``etils.epath``); at each
 checkpoint, at the end and when the run stops on an error or an interruption, the stage's
 new or changed files are pushed (process 0). The remote is the run's only copy: a stage may
@@ -52,6 +53,11 @@ def remote_path(url: str):
         ) from None
 
 
+def as_path(location):
+    """A local ``Path``, or an ``etils.epath.Path`` for a URL: what file APIs are used on."""
+    return remote_path(os.fspath(location)) if is_remote(location) else Path(location)
+
+
 def stage_root() -> Path:
     return Path(os.environ.get("FTLAB_STAGE_DIR") or Path(tempfile.gettempdir()) / "ftlab-stage")
 
@@ -66,6 +72,13 @@ class Workdir:
     store: object  # Path | epath.Path
     sync: Callable[[], None]
     url: str | None = None
+
+    def child(self, rel: str | Path) -> Workdir:
+        """The workdir ``rel`` below this one (an experiment's run), sharing its stage: the
+        parent's pull brought its files, the parent's ``sync`` pushes them."""
+        rel = Path(rel).as_posix()
+        url = None if self.url is None else f"{self.url}/{rel}"
+        return Workdir(self.local / rel, self.store / rel, self.sync, url)
 
 
 class Stage:
@@ -96,8 +109,9 @@ class Stage:
         self._pushed = self._files()
 
     def _pull_dir(self, src, dst: Path, top: bool = False) -> None:
+        run_dir = top or (src / "config.json").exists()  # an experiment's run, staged with it
         for p in src.iterdir():
-            if top and p.name in NOT_PULLED:
+            if run_dir and p.name in NOT_PULLED:
                 continue
             if p.is_dir():
                 (dst / p.name).mkdir(exist_ok=True)
@@ -124,7 +138,11 @@ class Stage:
 @contextlib.contextmanager
 def opened(workdir) -> Iterator[Workdir]:
     """A ``Workdir`` for ``workdir``; a remote one is staged (pulled now, pushed on leaving,
-    also on an error or an interruption; the stage is left for inspection)."""
+    also on an error or an interruption; the stage is left for inspection). A ``Workdir``
+    (an experiment's run, ``Workdir.child``) is used as it is: its parent stages it."""
+    if isinstance(workdir, Workdir):
+        yield workdir
+        return
     if not is_remote(workdir):
         path = Path(workdir)
         yield Workdir(path, path, lambda: None)

@@ -271,7 +271,7 @@ def test_interrupted_sweep_reruns_only_unfinished_points(tmp_path, monkeypatch):
     calls = []
 
     def interrupted(run, where, **kwargs):
-        calls.append(Path(where).name)
+        calls.append(where.local.name)  # an experiment passes each run its Workdir
         if len(calls) == 2:  # the second point dies half-way
 
             def stop(step):
@@ -292,7 +292,7 @@ def test_interrupted_sweep_reruns_only_unfinished_points(tmp_path, monkeypatch):
     calls.clear()
 
     def counted(run, where, **kwargs):
-        calls.append(Path(where).name)
+        calls.append(where.local.name)  # an experiment passes each run its Workdir
         return real(run, where, **kwargs)
 
     monkeypatch.setattr(experiment, "train", counted)

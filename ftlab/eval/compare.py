@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -351,10 +352,12 @@ def write_comparison(
     curve_metric: str = "val/loss",
     baseline: str | None = None,
     key: str = "config.baseline",
+    locate: Callable[[str], Path] = Path,
 ) -> str:
     """results.md (table and notes), results.json (every run's summary) and comparison.png
-    (``curve_metric`` of each variant's first run, from its ``workdir``'s metrics.jsonl) in
-    ``out_dir``; returns the markdown."""
+    (``curve_metric`` of each variant's first run, from its ``workdir``'s metrics.jsonl, found
+    locally by ``locate``: a remote experiment's runs sit in its stage) in ``out_dir``;
+    returns the markdown."""
     out_dir = Path(out_dir)
     comparison = compare(results, baseline, key)
     text = render(comparison)
@@ -364,7 +367,7 @@ def write_comparison(
     series = {}
     for name, runs in results.items():
         where = runs[0].get("workdir")
-        points = _read_curve(Path(where), curve_metric) if where else []
+        points = _read_curve(locate(where), curve_metric) if where else []
         if points:
             series[name] = points
     if series:
@@ -416,7 +419,7 @@ def _load_runs(run_dir: Path) -> list[dict]:
     return runs
 
 
-def _names(run_dirs: list[Path]) -> list[str]:
+def run_names(run_dirs: list[Path]) -> list[str]:
     """Each dir's name; names shared by several dirs become parent/name (else the path)."""
     plain = [d.name for d in run_dirs]
     names = [f"{d.parent.name}/{d.name}" if plain.count(d.name) > 1 else d.name for d in run_dirs]
@@ -434,15 +437,19 @@ def _curve_metric(run: dict) -> str:
 
 
 def compare_runs(
-    run_dirs: list[str | Path], out_dir: str | Path | None = None, baseline: str | None = None
+    run_dirs: list[str | Path],
+    out_dir: str | Path | None = None,
+    baseline: str | None = None,
+    names: list[str] | None = None,
 ) -> str:
     """``ftlab compare RUN_DIR ...``: one row per run directory (a folder of ``seed_*``
-    runs is one variant over several seeds); writes results.md / results.json /
-    comparison.png into ``out_dir`` when given; returns the markdown table."""
+    runs is one variant over several seeds), named by ``names`` (default: ``run_names``);
+    writes results.md / results.json / comparison.png into ``out_dir`` when given; returns
+    the markdown table."""
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
         raise ConfigError("compare: no run directories given")
-    names = _names(dirs)
+    names = names or run_names(dirs)
     results = {name: _load_runs(d) for name, d in zip(names, dirs)}
     tasks = {name: task_of(runs[0]) for name, runs in results.items()}
     for name, runs in results.items():

@@ -18,6 +18,7 @@ import ml_collections as mc
 import numpy as np
 
 from ftlab import tree
+from ftlab import workdir as workdir_lib
 from ftlab.config import ConfigError
 from ftlab.data import Dataset, Split
 from ftlab.eval import plots
@@ -111,9 +112,11 @@ def resolve_init(checkpoint: str) -> tuple[Path, list[dict]]:
     """``init.checkpoint`` as a ``params`` folder, and the lineage it brings.
 
     It may name a ``params`` folder or an earlier run's directory (its best parameters,
-    LoRA merged); the lineage lists that run and, in turn, the runs it started from.
+    LoRA merged), local or a URL (``gs://bucket/run``); the lineage lists that run and, in
+    turn, the runs it started from.
     """
-    path = Path(checkpoint).expanduser()
+    remote = workdir_lib.is_remote(checkpoint)
+    path = workdir_lib.as_path(checkpoint if remote else Path(checkpoint).expanduser())
     if (path / "params").is_dir():
         run_dir, params = path, path / "params"
     elif path.is_dir():
@@ -123,7 +126,11 @@ def resolve_init(checkpoint: str) -> tuple[Path, list[dict]]:
             f"config.init.checkpoint: {checkpoint} is neither a run directory (holding "
             "params/) nor a params folder"
         )
-    entry: dict[str, Any] = {"run": str(run_dir.resolve()), "params": str(params.resolve())}
+
+    def where(p) -> str:
+        return str(p) if remote else str(p.resolve())
+
+    entry: dict[str, Any] = {"run": where(run_dir), "params": where(params)}
     lineage: list[dict] = []
     summary = run_dir / "summary.json"
     if summary.exists():

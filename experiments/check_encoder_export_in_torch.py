@@ -5,7 +5,7 @@ Two halves, because ftlab (jax) and torch live in different environments here:
     python experiments/check_encoder_export_in_torch.py --torch-python /tmp/torchvenv/bin/python
 
 exports every tiny fixture (BERT, ViT, two ResNets, GPT-2, LLaMA) after importing it into ftlab,
-plus a ResNet built and exported by ftlab alone (``encoder_hf_config``) and a BERT export carrying
+plus a ResNet built and exported by ftlab alone (``hf_config_for``) and a BERT export carrying
 a tokenizer, into a temporary directory together with ftlab's logits; then reruns this file
 under the torch Python (``--check DIR``), which loads each directory with ``AutoModelFor...``
 (and ``AutoTokenizer``), reports missing / unexpected / mismatched weights, and compares logits
@@ -54,10 +54,8 @@ def _tokenizer(path: Path):
 def export_all(work: Path) -> None:
     import jax
 
-    from ftlab.models.hf_export import export_hf
-    from ftlab.models.hf_export_encoders import encoder_hf_config
-    from ftlab.models.hf_import import load_pretrained, read_config
-    from ftlab.models.hf_import_encoders import load_hf_encoder
+    from ftlab.interop.hub import read_config
+    from ftlab.interop.pretrained import export_hf, hf_config_for, load_pretrained
     from ftlab.models.resnet import ResNet
 
     def run(model, variables, batch):
@@ -65,7 +63,8 @@ def export_all(work: Path) -> None:
             return np.asarray(model.apply(variables, batch), np.float32)
 
     for name in ENCODERS:
-        model, variables = load_hf_encoder(FIXTURES / name)
+        pretrained = load_pretrained(FIXTURES / name)
+        model, variables = pretrained.model, pretrained.variables
         data = dict(np.load(FIXTURES / name / "inputs_logits.npz"))
         state = {k: v for k, v in variables.items() if k != "params"}
         source = None
@@ -104,7 +103,7 @@ def export_all(work: Path) -> None:
 
     variables = jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(shapes))
     out = export_hf(
-        work / "ftlab_resnet", variables["params"], encoder_hf_config(model),
+        work / "ftlab_resnet", variables["params"], hf_config_for(model),
         model_state={"batch_stats": variables["batch_stats"]},
     )  # fmt: skip
     logits = run(model, variables, pixels.transpose(0, 2, 3, 1))

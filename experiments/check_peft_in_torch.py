@@ -62,10 +62,9 @@ def export(workdir: pathlib.Path) -> None:
     import numpy as np
     import optax
 
+    from ftlab.interop.peft import export_method_adapter
+    from ftlab.interop.pretrained import export_hf, load_pretrained
     from ftlab.methods import build_method
-    from ftlab.methods.peft import export_method_adapter
-    from ftlab.models.hf_export import export_hf
-    from ftlab.models.hf_import import load_pretrained
     from ftlab.schema import base_config
 
     workdir.mkdir(parents=True, exist_ok=True)

@@ -247,8 +247,8 @@ def build_ftlab_step(case: Case, accelerator: bool, seed: int = 0):
     import jax.numpy as jnp
     import numpy as np
 
+    from ftlab.interop.build import build_model
     from ftlab.methods import build_method
-    from ftlab.models import build_model
     from ftlab.parallel import mesh as mesh_lib
     from ftlab.parallel import shard
     from ftlab.train import flops as flops_lib

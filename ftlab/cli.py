@@ -17,7 +17,8 @@ Commands taking a finished run's directory (its ``config.json`` and ``checkpoint
 - ``predict RUN_DIR --input FILE|DIR [--output FILE]``: class probabilities, values or
   generated text per input row (jsonl, or csv for an ``--output`` ending in .csv);
 - ``export RUN_DIR [--hf DIR] [--peft DIR]``: a Hugging Face model directory (LoRA merged)
-  and / or the LoRA adapter in PEFT's format;
+  and / or the LoRA adapter in PEFT's format; ``export RUN_DIR --quantize int8|nf4 --out DIR``:
+  weight-only quantised safetensors with a size and metric report (``ftlab.quantized_export``);
 - ``compare RUN_DIR RUN_DIR ... [--out DIR] [--baseline NAME]``: a comparison table.
 
 ``bench [--case NAME] [--steps N] [--torch] [--out DIR]``: train-step throughput, MFU and
@@ -32,6 +33,7 @@ after saving a checkpoint).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -152,7 +154,11 @@ def _parser() -> argparse.ArgumentParser:
         "on test reproduces summary.json's test metrics.",
         RUN_EPILOG,
     )
-    e.add_argument("run_dir", metavar="RUN_DIR", help="a run's directory (holds config.json)")
+    e.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="a run's directory (holds config.json), or gs://BUCKET/PATH",
+    )
     e.add_argument(
         "--split",
         default="test",
@@ -173,7 +179,11 @@ def _parser() -> argparse.ArgumentParser:
         "left out (each output row names its input row).",
         RUN_EPILOG,
     )
-    pr.add_argument("run_dir", metavar="RUN_DIR", help="a run's directory (holds config.json)")
+    pr.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="a run's directory (holds config.json), or gs://BUCKET/PATH",
+    )
     pr.add_argument(
         "--input",
         required=True,
@@ -196,19 +206,36 @@ def _parser() -> argparse.ArgumentParser:
         "target that exists and is not an empty directory is refused.",
         RUN_EPILOG,
     )
-    x.add_argument("run_dir", metavar="RUN_DIR", help="a run's directory (holds config.json)")
+    x.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="a run's directory (holds config.json), or gs://BUCKET/PATH",
+    )
     x.add_argument("--hf", metavar="DIR", help="Hugging Face model directory to write")
     x.add_argument("--peft", metavar="DIR", help="PEFT adapter directory to write (LoRA runs)")
+    x.add_argument(
+        "--quantize",
+        choices=("int8", "nf4"),
+        help="weight-only quantised export (kernels int8 per channel or NF4 blocks of 64) into "
+        "--out, with sizes and the val/test metric change against float32",
+    )
+    x.add_argument("--out", metavar="DIR", help="directory for --quantize's export")
     x.add_argument("--checkpoint", metavar="best|last|STEP", help=CHECKPOINT_HELP)
 
     c = command(
         "compare",
         "compare finished runs of one task",
         "A table of the runs' test metrics, parameters and costs, against a baseline run. "
-        "Runs of different tasks cannot be compared.",
+        "Runs of different tasks cannot be compared (causal-LM and sequence-to-sequence runs, "
+        "GPT-2 and T5 on E2E, share one table).",
         "",
     )
-    c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories")
+    c.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="finished run directories (or gs://BUCKET/PATH)",
+    )
     c.add_argument("--out", metavar="DIR", help="also write the comparison files here")
     c.add_argument("--baseline", metavar="NAME", help="the run the others are compared with")
 
@@ -298,8 +325,8 @@ def _input_error(e: Exception) -> str | None:
     modules already imported (an exception of a module never imported cannot occur)."""
     kinds = {
         ("ftlab.data.frames", "DataError"): "data error: ",
-        ("ftlab.models.hf_import", "HFImportError"): "",
-        ("ftlab.methods.peft", "PeftAdapterError"): "",
+        ("ftlab.interop.errors", "HFImportError"): "",
+        ("ftlab.interop.errors", "PeftAdapterError"): "",
         ("ftlab.checkpoint", "CheckpointCorruptError"): "",
         ("ftlab.checkpoint", "CheckpointSaveError"): "checkpoint save failed: ",
     }
@@ -386,30 +413,43 @@ def _plan(args, spec, overrides, log) -> int:
 # -- commands taking a run directory -------------------------------------------------------------
 
 
-def _run(args, spec, overrides):
+def _on_run_dir(command):
+    """``command(args, wd, overrides, log)`` on the run directory ``args.run_dir`` opened as a
+    ``Workdir`` (a URL staged: ``saved_run.opened``); a config given instead is an error."""
+
+    def run(args, spec, overrides, log) -> int:
+        from ftlab import saved_run
+
+        if spec:
+            raise ConfigError(
+                f"ftlab {args.command} takes a run directory, not --config={spec}; the run's "
+                "own config.json is used"
+            )
+        with saved_run.opened(args.run_dir) as wd:
+            return command(args, wd, overrides, log)
+
+    return run
+
+
+def _run(args, wd, overrides):
     """The run directory's config (with overrides) and chosen checkpoint: every check on them
     before anything is built."""
     from ftlab import saved_run
 
-    if spec:
-        raise ConfigError(
-            f"ftlab {args.command} takes a run directory, not --config={spec}; the run's own "
-            "config.json is used"
-        )
-    run_dir = saved_run.run_directory(args.run_dir)
-    cfg = saved_run.run_config_arg(saved_run.load_config(run_dir), overrides)
-    which = saved_run.choose_checkpoint(run_dir, cfg, args.checkpoint)
+    cfg = saved_run.run_config_arg(saved_run.load_config(wd.local), overrides)
+    which = saved_run.choose_checkpoint(wd.store, cfg, args.checkpoint)
     from ftlab.parallel import runtime
 
     runtime.setup(cfg.platform, cfg.distributed)
-    return run_dir, cfg, which
+    return wd.local, cfg, which
 
 
-def _eval(args, spec, overrides, log) -> int:
+@_on_run_dir
+def _eval(args, wd, overrides, log) -> int:
     from ftlab import saved_run
     from ftlab.data.frames import DataError
 
-    run_dir, cfg, which = _run(args, spec, overrides)
+    run_dir, cfg, which = _run(args, wd, overrides)
     rows, data, name = None, None, args.split
     if args.split not in saved_run.SPLITS:
         path = Path(args.split)
@@ -423,7 +463,7 @@ def _eval(args, spec, overrides, log) -> int:
             data, _ = saved_run.rows_dataset(cfg, rows)
         except DataError as e:
             raise saved_run.InputError(f"--split: {path}: {e}") from None
-    restored = saved_run.restore(run_dir, cfg, which, data)
+    restored = saved_run.restore(wd.store, cfg, which, data)
     run = restored.run
     split = run.data.test if rows is not None else getattr(run.data, args.split)
     if not len(split) and rows is not None:
@@ -438,7 +478,8 @@ def _eval(args, spec, overrides, log) -> int:
     stem = f"{name}_{which.name}"
     held_out = args.split == "test" or rows is not None
     held_out = held_out or (args.split == "val" and not len(run.data.test))
-    if run.data.task == "causal_lm" and cfg.eval.generate_examples > 0 and held_out:
+    decodes = run.data.task in ("causal_lm", "seq2seq")  # BLEU (T5, GPT-2) or WER (speech)
+    if decodes and cfg.eval.generate_examples > 0 and held_out:
         from ftlab.eval.generation_eval import evaluate_generation
 
         eval_dir.mkdir(exist_ok=True)
@@ -458,7 +499,7 @@ def _eval(args, spec, overrides, log) -> int:
     from ftlab.tree import jsonable
 
     result = {
-        "run": str(run_dir),
+        "run": wd.url or str(run_dir),
         "split": args.split,
         "checkpoint": which.name,
         "step": which.step,
@@ -469,28 +510,29 @@ def _eval(args, spec, overrides, log) -> int:
     out = saved_run.new_file(eval_dir, stem)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
-    log.info("%s %s on %s: written to %s", run_dir, which, args.split, out)
+    log.info("%s %s on %s: written to %s", wd.url or run_dir, which, args.split, out)
     return 0
 
 
-def _predict(args, spec, overrides, log) -> int:
+@_on_run_dir
+def _predict(args, wd, overrides, log) -> int:
     from ftlab import saved_run
     from ftlab.data.frames import DataError
 
-    run_dir, cfg, which = _run(args, spec, overrides)
+    _, cfg, which = _run(args, wd, overrides)
     output = Path(args.output) if args.output else None
     if output is not None and output.exists():
         raise saved_run.InputError(f"--output: '{output}' exists; choose a new file")
     try:
         rows = saved_run.file_rows(cfg, args.input, labelled=False, what="--input")
-        if rows.source.task == "causal_lm":
+        if saved_run.generates(rows.source):
             data, positions = None, None
         else:
             data, positions = saved_run.rows_dataset(cfg, rows)
     except DataError as e:
         raise saved_run.InputError(f"--input: {args.input}: {e}") from None
-    restored = saved_run.restore(run_dir, cfg, which, data)
-    if rows.source.task == "causal_lm":
+    restored = saved_run.restore(wd.store, cfg, which, data)
+    if saved_run.generates(rows.source):
         records = saved_run.generate_rows(restored, rows.frame)
     else:
         records = saved_run.prediction_rows(restored, positions)
@@ -500,10 +542,13 @@ def _predict(args, spec, overrides, log) -> int:
     return 0
 
 
-def _export(args, spec, overrides, log) -> int:
+@_on_run_dir
+def _export(args, wd, overrides, log) -> int:
     from ftlab import saved_run
 
-    run_dir, cfg, which = _run(args, spec, overrides)
+    _, cfg, which = _run(args, wd, overrides)
+    if args.quantize or args.out:
+        return _export_quantized(args, wd, cfg, which)
     if not (args.hf or args.peft):
         raise saved_run.InputError("export: give --hf DIR and / or --peft DIR")
     targets = {"--hf": args.hf, "--peft": args.peft}
@@ -523,14 +568,13 @@ def _export(args, spec, overrides, log) -> int:
             f"export --hf: the run's model is {cfg.model.name!r}, not a Hugging Face family "
             "(config.model.name='hf')"
         )
-    if args.peft and cfg.method.name != "lora":
+    if args.peft and cfg.method.name not in ("lora", "qlora", "ia3"):
         raise saved_run.InputError(
-            f"export --peft: the run's method is {cfg.method.name!r}; only a LoRA run has an "
-            "adapter (--hf exports the whole model)"
+            f"export --peft: the run's method is {cfg.method.name!r}; only a LoRA (DoRA, QLoRA) "
+            "or IA3 run has an adapter (--hf exports the whole model)"
         )
-    restored = saved_run.restore(run_dir, cfg, which)
-    from ftlab.methods.peft import PeftAdapterError
-    from ftlab.models.hf_export import HFExportError
+    restored = saved_run.restore(wd.store, cfg, which)
+    from ftlab.interop.errors import HFExportError, PeftAdapterError
     from ftlab.train.loop import export
 
     try:
@@ -550,6 +594,29 @@ def _export(args, spec, overrides, log) -> int:
     return 0
 
 
+def _export_quantized(args, wd, cfg, which) -> int:
+    """``export RUN --quantize int8|nf4 --out DIR`` (``ftlab.quantized_export``)."""
+    from ftlab import saved_run
+
+    if not (args.quantize and args.out):
+        raise saved_run.InputError("export: --quantize int8|nf4 and --out DIR go together")
+    if args.hf or args.peft:
+        raise saved_run.InputError(
+            "export: --quantize writes its own directory (--out), not --hf/--peft"
+        )
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise saved_run.InputError(
+            f"export --out: '{out}' exists and is not an empty directory; refusing to overwrite it"
+        )
+    from ftlab import quantized_export
+
+    report = quantized_export.export(saved_run.restore(wd.store, cfg, which), args.quantize, out)
+    summary = {"out": str(out), "file_bytes": report["file_bytes"], "change": report["change"]}
+    print(json.dumps(summary))
+    return 0
+
+
 def _compare(args, spec, overrides, log) -> int:
     from ftlab import saved_run
 
@@ -557,12 +624,19 @@ def _compare(args, spec, overrides, log) -> int:
         raise ConfigError("ftlab compare takes run directories, not a config or overrides")
     if len(args.run_dirs) < 2:
         raise saved_run.InputError("compare: give at least two run directories")
-    run_dirs = [saved_run.run_directory(d) for d in args.run_dirs]
+    for d in args.run_dirs:
+        saved_run.run_directory(d)
     try:
-        from ftlab.eval.compare import compare_runs
+        from ftlab.eval.compare import compare_runs, run_names
     except ImportError as e:
         raise saved_run.InputError(f"compare: not available in this ftlab ({e})") from None
-    print(compare_runs(run_dirs, Path(args.out) if args.out else None, args.baseline))
+    from ftlab import workdir as workdir_lib
+
+    with contextlib.ExitStack() as stack:  # URLs staged (their files pulled) while compared
+        local = [stack.enter_context(saved_run.opened(d)).local for d in args.run_dirs]
+        names = run_names([workdir_lib.as_path(d) for d in args.run_dirs])
+        out = Path(args.out) if args.out else None
+        print(compare_runs(local, out, args.baseline, names=names))
     return 0
 
 

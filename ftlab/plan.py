@@ -487,6 +487,15 @@ KNOWN_MODELS: dict[str, dict[str, Any]] = {
         "layer_type": "bottleneck",
         "num_channels": 3,
     },
+    "google/efficientnet-b0": {
+        "model_type": "efficientnet",
+        "width_coefficient": 1.0,
+        "depth_coefficient": 1.0,
+        "image_size": 224,
+        "hidden_dim": 1280,
+        "dropout_rate": 0.2,
+        "num_channels": 3,
+    },
 }
 KNOWN_CLASSES = {
     "cifar10": 10,
@@ -524,7 +533,7 @@ def shapes_config(cfg: mc.ConfigDict) -> mc.ConfigDict:
 
 
 def _task(cfg, model_type: str | None) -> str:
-    from ftlab.models.hf_models import DECODERS
+    from ftlab.interop.build import DECODERS
 
     if cfg.data.task != "auto":
         return cfg.data.task
@@ -536,7 +545,7 @@ def synthetic_data(cfg: mc.ConfigDict):
     ids of ``data.max_length``, images of ``data.clean.image_size``), or ``None`` when the
     inputs' shape cannot be told from the config (a small offline dataset is loaded then)."""
     from ftlab.data import Dataset, Split
-    from ftlab.models.hf_models import hf_config
+    from ftlab.interop.build import hf_config
 
     if cfg.model.name != "hf":
         return None
@@ -549,7 +558,7 @@ def synthetic_data(cfg: mc.ConfigDict):
         split = Split(ids, ids.copy(), np.ones(n, np.float32))
         outputs = 0
     else:
-        if kind in ("vit", "resnet"):
+        if kind in ("vit", "resnet", "efficientnet"):
             size = tuple(cfg.data.clean.image_size) or (hf.get("image_size", 224),) * 2
             inputs = np.zeros((n, *size, hf.get("num_channels", 3)), np.float32)
         else:

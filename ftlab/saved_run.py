@@ -213,6 +213,13 @@ def source_splits(cfg: mc.ConfigDict) -> SourceSplits:
     return SourceSplits(splits, task, label_map)
 
 
+def generates(source: SourceSplits) -> bool:
+    """Whether predicting means writing text: a causal LM continues prompts, a text-to-text
+    model (T5: ``seq2seq`` with a ``prompt`` column, not speech) answers sources."""
+    text_to_text = source.task == "seq2seq" and "prompt" in source.splits.train.columns
+    return source.task == "causal_lm" or text_to_text
+
+
 def _without_leaked(splits: Any, clean_cfg: mc.ConfigDict, label_map: Any, task: str) -> Any:
     """``splits`` less the training and validation rows that the run's leakage check removed,
     with their duplicates (which the duplicate step had removed first)."""
@@ -327,20 +334,21 @@ def file_rows(cfg: mc.ConfigDict, path: str | Path, *, labelled: bool, what: str
     """Read ``path`` and check it has the run's input columns (and labels when ``labelled``).
 
     Unlabelled rows of a causal LM need only the prompt (``prompt``, optional ``context``;
-    ``text`` without a template): they are decoded, not scored."""
+    ``text`` without a template), those of a text-to-text model the source (``prompt``,
+    optional ``context``): they are decoded, not scored."""
     path = Path(path)
     frame = read_table(path, what, cfg.data.cache_dir)  # before the source: fails fast
     source = source_splits(cfg)
     train = source.splits.train
     columns = [str(c) for c in train.columns]
-    if not labelled and source.task == "causal_lm":
+    if not labelled and generates(source):
         columns = ["prompt"] + (["context"] if "context" in columns else [])
-        if not cfg.data.template:
+        if not cfg.data.template and source.task == "causal_lm":
             columns = ["text"]
     elif not labelled:
         columns = [c for c in columns if c != "label"]
     rows = canonical_rows(cfg, frame, columns, path, what)
-    if not labelled and source.task == "causal_lm":
+    if not labelled and generates(source):
         empty = rows[columns[0]].isna().to_numpy()
         if empty.any():
             raise InputError(
@@ -480,6 +488,8 @@ def generate_rows(restored: Restored, frame: pd.DataFrame) -> list[dict[str, Any
 
     cfg, run = restored.cfg, restored.run
     tokenizer = run.data.tokenizer
+    if run.data.task == "seq2seq":  # text to text (T5): the source encoded as in training
+        return _answer_rows(restored, frame)
     if cfg.data.template:
         template = text_lib.load_template(cfg.data.template)
         context = frame["context"] if "context" in frame.columns else [""] * len(frame)
@@ -496,6 +506,27 @@ def generate_rows(restored: Restored, frame: pd.DataFrame) -> list[dict[str, Any
         shown = [str(t) for t in frame["text"]]
         ids = text_lib.encode_formatted(tokenizer, shown, "")
     texts = decode(restored, ids)
+    return [
+        {"row": int(i), "prompt": p, "output": t}
+        for i, p, t in zip(range(len(shown)), shown, texts)
+    ]
+
+
+def _answer_rows(restored: Restored, frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The restored text-to-text model's output for each row's source (``prompt``, then
+    ``context`` after a space), encoded as ``seq2seq_arrays`` encodes training sources."""
+    from ftlab.eval.generate import decode_sources
+    from ftlab.eval.generation_eval import encode_sources, source_text
+
+    cfg, run = restored.cfg, restored.run
+    context = frame["context"] if "context" in frame.columns else [""] * len(frame)
+    shown = [str(p) for p in frame["prompt"]]
+    sources = [source_text(p, "" if pd.isna(c) else str(c)) for p, c in zip(shown, context)]
+    ids = encode_sources(run.data.tokenizer, sources, cfg.data.max_length)
+    state = restored.state
+    texts = decode_sources(
+        run.model, run.method, state.trainable, state.frozen, ids, run.data.tokenizer, cfg.eval
+    )
     return [
         {"row": int(i), "prompt": p, "output": t}
         for i, p, t in zip(range(len(shown)), shown, texts)

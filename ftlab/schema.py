@@ -12,10 +12,10 @@ import ml_collections as mc
 
 from ftlab.config import ConfigError
 
-METHODS = ("full", "frozen", "partial", "bitfit", "lora")
+METHODS = ("full", "frozen", "partial", "bitfit", "lora", "qlora", "ia3")
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 SCHEDULES = ("constant", "cosine", "linear")
-LOSSES = ("cross_entropy", "mse", "causal_lm")
+LOSSES = ("cross_entropy", "mse", "causal_lm", "seq2seq")
 MODELS = ("cnn", "mlp", "resnet", "hf")
 SOURCES = ("sklearn", "npz", "hf", "tfds", "arrays")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -43,7 +43,9 @@ def base_config() -> mc.ConfigDict:
     c.data.cache_dir = ""
     c.data.columns = ""  # canonical=source column: "text=sentence,label=sentiment" (or a dict)
     c.data.splits = ""  # train/val/test = source split names: "val=validation"
-    c.data.task = "auto"  # classification | regression | causal_lm | auto (from the columns)
+    # classification | regression | causal_lm | seq2seq (audio + transcripts: speech
+    # recognition) | auto (from the columns)
+    c.data.task = "auto"
     c.data.classes = ()  # keep only these labels, remapped to 0..k-1 in this order
     c.data.val_fraction = 0.15
     c.data.test_fraction = 0.15
@@ -91,6 +93,15 @@ def base_config() -> mc.ConfigDict:
     c.data.augment.swap_prob = 0.0
     c.data.augment.deletion_prob = 0.0
     c.data.augment.synonyms = ""  # JSON file {word: [synonyms]}
+    c.data.augment.speed = 0.0  # audio: resample each clip by a factor in [1-speed, 1+speed]
+    c.data.augment.noise = 0.0  # audio: Gaussian noise, std in [0, noise] x the clip's RMS
+    # audio columns (speech recognition, ftlab/data/audio.py): file paths, arrays or HF Audio
+    c.data.audio = mc.ConfigDict()
+    c.data.audio.root = ""  # relative paths are read from here ("" = data.path's directory)
+    c.data.audio.sampling_rate = 16000  # of array cells (files say theirs); resampled to 16 kHz
+    c.data.audio.language = "en"  # Whisper's forced tokens <|en|><|transcribe|>; "" = none
+    c.data.audio.task = "transcribe"  # transcribe | translate | ""
+    c.data.audio.num_frames = 0  # mel frames per clip; 0 = the model's 2 x max_source_positions
 
     c.model = mc.ConfigDict()
     c.model.name = "cnn"
@@ -115,12 +126,33 @@ def base_config() -> mc.ConfigDict:
     c.init.checkpoint = ""  # parameters saved by a run (its workdir/params), or "stage:NAME"
     c.init.reinit = ()  # regexes of leaves that keep their fresh init (a new head)
 
+    # Knowledge distillation (ftlab/train/distill.py): with a teacher, the training loss is
+    # alpha * CE(labels) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))
+    # (+ hidden_weight * MSE(projected student hidden state, teacher's)); classification and
+    # causal LM (per target token) only. The teacher runs forward only, frozen, outside the
+    # train state; validation and test scores are the student's plain loss and metrics.
+    c.distill = mc.ConfigDict()
+    c.distill.teacher = ""  # an earlier run's directory (its best params), or "stage:NAME", or
+    # a Hugging Face model directory
+    c.distill.alpha = 0.5  # weight of the label cross-entropy (1: plain training)
+    c.distill.temperature = 2.0  # softens both distributions; the KL term is scaled by T^2
+    c.distill.hidden_weight = 0.0  # >0: MSE of the last hidden state through a learned projection
+
     c.method = mc.ConfigDict()
     c.method.name = "full"
     # dtype frozen leaves are stored in (trained leaves and optimizer state stay float32):
     # auto = bfloat16 on GPU/TPU, float32 on CPU | float32 | bfloat16
     c.method.frozen_dtype = "auto"
     c.method.trainable = ()  # regexes trained in addition to what the method selects
+    # QLoRA: "qlora" is "lora" over a quantised frozen base (every method.lora key applies).
+    # Frozen kernels (not trained, not matched by quantize_skip) stored quantised and
+    # dequantised inside each layer's matmul: auto (nf4 for qlora, none otherwise) | none |
+    # int8 (per output channel) | nf4 (4-bit NormalFloat, float32 absmax per block of
+    # quantize_block weights along the fan-in, two codes per byte). Any method composes with
+    # it (frozen + nf4: a probe over a 4-bit backbone); other frozen leaves use frozen_dtype.
+    c.method.quantize = "auto"
+    c.method.quantize_block = 64  # NF4 block size (QLoRA's 64)
+    c.method.quantize_skip = (r"(^|/)lm_head/",)  # kernel regexes kept unquantised
     c.method.partial = mc.ConfigDict()
     c.method.partial.last_k = 0  # train the last k blocks
     c.method.partial.blocks = ()  # or the blocks whose paths match these regexes
@@ -131,6 +163,14 @@ def base_config() -> mc.ConfigDict:
     c.method.lora.dropout = 0.0
     c.method.lora.targets = ()  # regexes of kernel paths to adapt
     c.method.lora.rslora = False  # scale alpha/sqrt(r) instead of alpha/r
+    # DoRA (Liu et al. 2024; PEFT use_dora) on top of lora/qlora: each target also trains a
+    # magnitude per output unit, W' = m * (W + s a@b) / ||W + s a@b|| (per column, detached)
+    c.method.lora.dora = False
+    # IA3 (method.name "ia3"): trained scaling vectors, initialised to 1, on the kernels the
+    # targets match: output side W * l and bias * l; feedforward (input side) diag(l) W
+    c.method.ia3 = mc.ConfigDict()
+    c.method.ia3.targets = ()  # regexes of kernel paths to scale
+    c.method.ia3.feedforward = ()  # regexes of those targets scaled on their input side
 
     c.optim = mc.ConfigDict()
     c.optim.name = "adamw"
@@ -253,10 +293,11 @@ def validate(cfg: mc.ConfigDict) -> None:
         ("model.attention", ATTENTION),
         ("model.remat_policy", REMAT_POLICIES),
         ("method.frozen_dtype", ("auto", "float32", "bfloat16")),
+        ("method.quantize", ("auto", "none", "int8", "nf4")),
         ("optim.state_dtype", ("float32", "bfloat16")),
         ("early_stopping.mode", ("min", "max")),
         ("data.last_batch", ("drop", "pad", "wrap")),
-        ("data.task", ("auto", "classification", "regression", "causal_lm")),
+        ("data.task", ("auto", "classification", "regression", "causal_lm", "seq2seq")),
         ("data.clean.missing", ("", "drop", "mean", "median", "most_frequent")),
         ("data.clean.leakage", ("", "remove", "error")),
         ("data.clean.outliers", ("", "zscore", "iqr")),
@@ -341,10 +382,16 @@ def validate(cfg: mc.ConfigDict) -> None:
     _check(cfg.data.prefetch >= 0, "data.prefetch", "must be >= 0")
     _check(cfg.eval.label_issue_folds >= 2, "eval.label_issue_folds", "must be >= 2")
     lora = cfg.method.lora
-    if cfg.method.name == "lora":
+    if cfg.method.name in ("lora", "qlora"):
         _check(lora.rank > 0, "method.lora.rank", f"must be > 0, got {lora.rank}")
         _check(lora.alpha > 0, "method.lora.alpha", f"must be > 0, got {lora.alpha}")
         _check(0 <= lora.dropout < 1, "method.lora.dropout", "must be in [0, 1)")
+        _check(
+            not (lora.dora and lora.dropout > 0),
+            "method.lora.dropout",
+            "DoRA (method.lora.dora) runs as one combined kernel, without dropout on the "
+            "low-rank branch; set it to 0",
+        )
         _check(
             len(lora.targets) > 0,
             "method.lora.targets",
@@ -357,7 +404,18 @@ def validate(cfg: mc.ConfigDict) -> None:
             "Hugging Face export needs a Hugging Face model (model.name = 'hf')",
         )
     if cfg.export.peft:
-        _check(cfg.method.name == "lora", "export.peft", "a PEFT adapter needs method.name 'lora'")
+        _check(
+            cfg.method.name in ("lora", "qlora", "ia3"),
+            "export.peft",
+            "a PEFT adapter needs method.name 'lora', 'qlora' or 'ia3'",
+        )
+    _check(cfg.method.quantize_block >= 1, "method.quantize_block", "must be >= 1")
+    _check(
+        not (cfg.method.name == "qlora" and cfg.method.quantize == "none"),
+        "method.quantize",
+        "'none' with method 'qlora' (whose base is quantised); use method.name 'lora'",
+    )
+    _regexes(cfg.method.quantize_skip, "method.quantize_skip")
     if cfg.method.name == "frozen":
         _check(
             len(cfg.method.trainable) > 0,
@@ -373,9 +431,18 @@ def validate(cfg: mc.ConfigDict) -> None:
         )
     _regexes(cfg.method.trainable, "method.trainable")
     _regexes(lora.targets, "method.lora.targets")
+    if cfg.method.name == "ia3":
+        _check(
+            len(cfg.method.ia3.targets) > 0,
+            "method.ia3.targets",
+            "IA3 needs at least one target regex",
+        )
+    _regexes(cfg.method.ia3.targets, "method.ia3.targets")
+    _regexes(cfg.method.ia3.feedforward, "method.ia3.feedforward")
     _regexes(cfg.method.partial.blocks, "method.partial.blocks")
     _regexes((cfg.method.partial.block_pattern,), "method.partial.block_pattern")
     _regexes(cfg.init.reinit, "init.reinit")
+    _check_distill(cfg)
     _check(
         len(set(cfg.variant_seeds)) == len(cfg.variant_seeds),
         "variant_seeds",
@@ -387,3 +454,31 @@ def validate(cfg: mc.ConfigDict) -> None:
     from ftlab.sweep import check as check_sweep  # the sweep's keys, values, names, baseline
 
     check_sweep(cfg)
+
+
+def _check_distill(cfg: mc.ConfigDict) -> None:
+    """``config.distill``: values in range, a loss that has class or token distributions."""
+    d = cfg.distill
+    _check(0 <= d.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {d.alpha}")
+    _check(d.temperature > 0, "distill.temperature", f"must be > 0, got {d.temperature}")
+    _check(d.hidden_weight >= 0, "distill.hidden_weight", f"must be >= 0, got {d.hidden_weight}")
+    if not d.teacher:
+        return
+    stages = [name for name, _ in cfg.stages]
+    _check(
+        not d.teacher.startswith("stage:") or len(stages) > 0,
+        "distill.teacher",
+        f"{d.teacher!r} names no stage of this config (stages: {stages})",
+    )
+    _check(
+        cfg.train.loss in ("cross_entropy", "causal_lm"),
+        "distill.teacher",
+        f"distillation matches class or token distributions (train.loss 'cross_entropy' or "
+        f"'causal_lm'); train.loss {cfg.train.loss!r} is not supported (regression has no "
+        "distribution to match)",
+    )
+    _check(
+        cfg.train.loss_chunk == 0,
+        "train.loss_chunk",
+        "distillation needs the student's full logits; set train.loss_chunk = 0",
+    )

@@ -148,7 +148,10 @@ def test_run_directory_errors_exit_2_and_change_nothing(digits_run, tmp_path, ca
         (["export", workdir], "give --hf DIR and / or --peft DIR"),
         (["export", workdir, "--hf", taken], "is not an empty directory"),
         (["export", workdir, "--hf", tmp_path / "hf"], "model is 'cnn', not a Hugging Face"),
-        (["export", workdir, "--peft", tmp_path / "p"], "method is 'full'; only a LoRA run"),
+        (
+            ["export", workdir, "--peft", tmp_path / "p"],
+            "method is 'full'; only a LoRA (DoRA, QLoRA) or IA3 run",
+        ),
         (["predict", workdir, "--input", tmp_path / "none.csv"], "no such file or directory"),
         (["predict", workdir, "--input", taken, "--output", existing_output], "exists"),
         (["compare", workdir, tmp_path / "nowhere"], "does not exist"),
@@ -323,8 +326,8 @@ def gpt2_run(tmp_path_factory):
 
 
 def test_export_round_trip_of_a_gpt2_lora_run(gpt2_run, tmp_path, capsys):
-    from ftlab.methods.peft import load_peft_adapter
-    from ftlab.models.hf_import import load_pretrained
+    from ftlab.interop.peft import load_peft_adapter
+    from ftlab.interop.pretrained import load_pretrained
 
     workdir, _ = gpt2_run
     before = listing(workdir)
@@ -385,11 +388,46 @@ def test_eval_and_predict_of_a_causal_lm(gpt2_run, tmp_path, capsys):
     assert code == 2 and "'meaning_representation'" in error_line(err)
 
 
+# the T5 E2E recipe shrunk as tests/test_recipes.py and tests/test_t5.py run it (one compilation
+# of each step for the three, through the session's compilation cache)
+T5_SHORT = (
+    "--config.train.num_steps=4",
+    "--config.train.eval_every=2",
+    "--config.checkpoint.every_steps=2",
+)
+
+
+def test_eval_predict_and_compare_of_a_t5_run(gpt2_run, tmp_path, capsys):
+    workdir = tmp_path / "t5"
+    args = ["train", CONFIGS / "t5_e2e.py:lora,runlocal", "--workdir", workdir, *T5_SHORT]
+    assert run_main(args, capsys)[0] == 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    code, out, _ = run_main(["eval", workdir], capsys)
+    assert code == 0
+    metrics = json.loads(out)["metrics"]
+    assert metrics == summary["test"]  # token metrics and the decoded ones, as in training
+    assert "bleu" in metrics and "perplexity" in metrics and metrics["generated_examples"] == 4
+    assert (workdir / "eval" / "test_best_generations.jsonl").is_file()
+
+    sources = tmp_path / "sources.jsonl"
+    sources.write_text(
+        json.dumps({"meaning_representation": "name[Alimentum], area[city centre]"}) + "\n"
+    )
+    code, out, _ = run_main(["predict", workdir, "--input", sources], capsys)
+    assert code == 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["row"] for r in records] == [0] and isinstance(records[0]["output"], str)
+    assert records[0]["prompt"] == "name[Alimentum], area[city centre]"
+
+    # GPT-2 and T5 on E2E: one table (token metrics and BLEU), not "different tasks"
+    code, out, _ = run_main(["compare", gpt2_run[0], workdir], capsys)
+    assert code == 0 and "BLEU" in out and "perplexity" in out
+
+
 # -- compare, list, sweep, config arguments ----------------------------------------------------
 
 
 def test_compare_runs_of_one_task_and_refuse_mixed_tasks(digits_run, wine_run, gpt2_run, capsys):
-    pytest.importorskip("ftlab.eval.compare")
     digits, _ = digits_run
     wine = wine_run[0]  # both classification
     out_dir = digits.parent / "comparison"

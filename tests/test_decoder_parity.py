@@ -16,9 +16,12 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from ftlab import tree
+from ftlab.interop import family as family_lib
+from ftlab.interop import hub
+from ftlab.interop.errors import HFImportError, HubOfflineError
+from ftlab.interop.pretrained import export_hf, load_pretrained
+from ftlab.interop.table import LINEAR, Entry, Table, batch_norm
 from ftlab.methods import build_method
-from ftlab.models import hf_import
-from ftlab.models.hf_import import HFImportError, HubOfflineError, load_pretrained
 from ftlab.schema import base_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -158,8 +161,9 @@ def test_directory_errors(tmp_path):
     with pytest.raises(HFImportError, match="has no weights"):
         load_pretrained(empty)
     (empty / "config.json").write_text(json.dumps({"model_type": "mamba_x"}))
-    with pytest.raises(HFImportError, match="'mamba_x' has no ftlab importer; known: gpt2, llama"):
+    with pytest.raises(HFImportError, match="'mamba_x' has no ftlab importer; known: bert, ") as e:
         load_pretrained(empty)
+    assert all(f" {name}" in str(e.value) for name in ("gpt2", "llama", "resnet", "vit"))
 
 
 class ConnectError(Exception):  # what httpx raises when there is no route
@@ -179,7 +183,7 @@ def test_hub_id_offline(monkeypatch, error):
         raise error
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    monkeypatch.setattr(hf_import, "hub_unreachable", lambda: None)  # as if online
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: None)  # as if online
     with pytest.raises(
         HubOfflineError, match=r"(?s)'openai-community/gpt2'.*offline.*pass its path"
     ):
@@ -194,7 +198,7 @@ def test_hub_id_downloaded(monkeypatch):
     monkeypatch.setattr(
         huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(FIXTURES / "tiny_gpt2")
     )
-    assert hf_import.resolve("gpt2") == FIXTURES / "tiny_gpt2"
+    assert hub.resolve("gpt2") == FIXTURES / "tiny_gpt2"
 
 
 def test_lora_in_remat_blocks():
@@ -248,8 +252,9 @@ def test_bfloat16_compute_close_to_float32():
     assert err < 0.05 * np.abs(d["logits"]).max()
 
 
-def test_another_family_registers_without_editing_hf_import(tmp_path, monkeypatch):
-    """How BERT/ViT/ResNet plug in: a Family with rules, here with BatchNorm statistics."""
+def test_another_family_is_one_table_both_ways(tmp_path, monkeypatch):
+    """How a family plugs in (``ftlab/interop/<model_type>.py``): a Family with one table, here
+    with BatchNorm statistics; import and export both come from it."""
     import flax.linen as nn
 
     class Toy(nn.Module):
@@ -258,29 +263,23 @@ def test_another_family_registers_without_editing_hf_import(tmp_path, monkeypatc
             x = nn.Dense(3, name="fc")(x)
             return nn.BatchNorm(use_running_average=not train, name="bn")(x)
 
-    family = hf_import.Family(
+    family = family_lib.Family(
         model_type="toy_bn",
-        config_from_hf=lambda hf, **overrides: {**hf, **overrides},
-        build=lambda config, **kw: Toy(),
-        prefixes=("toy.",),
-        rules=(
-            hf_import.Rule(r"fc\.weight", hf_import.linear("fc/kernel")),
-            hf_import.Rule(r"fc\.bias", hf_import.rename("fc/bias")),
-            hf_import.Rule(
-                r"bn\.(weight|bias)",
-                lambda m, a: {f"bn/{'scale' if m[1] == 'weight' else 'bias'}": a},
-            ),
-            hf_import.Rule(r"bn\.running_(mean|var)", hf_import.rename("batch_stats/bn/{0}")),
+        build=lambda hf, head, options, overrides: Toy(),
+        table=lambda config: Table(
+            [Entry("fc.weight", "fc/kernel", LINEAR), Entry("fc.bias", "fc/bias")]
+            + batch_norm("bn", "bn")
         ),
+        example_inputs=lambda model: jnp.zeros((1, 4)),
+        prefix="toy.",
         ignore=(r"bn\.num_batches_tracked",),
         collections=("params", "batch_stats"),
-        example_inputs=lambda: jnp.zeros((1, 4)),
     )
-    monkeypatch.setattr(hf_import, "_FAMILIES", dict(hf_import._FAMILIES))
-    hf_import.register_family(family)
+    monkeypatch.setattr(family_lib, "_FAMILIES", dict(family_lib._FAMILIES))
+    family_lib.register_family(family)
     with pytest.raises(ValueError, match="already registered"):
-        hf_import.register_family(family)
-    assert hf_import.families() == ("gpt2", "llama", "toy_bn")
+        family_lib.register_family(family)
+    assert {"bert", "gpt2", "llama", "resnet", "toy_bn", "vit"} <= set(family_lib.families())
 
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=3).astype(np.float32)
@@ -304,3 +303,9 @@ def test_another_family_registers_without_editing_hf_import(tmp_path, monkeypatc
     y = np.asarray(p.model.apply(p.variables, x))
     want = 2.0 * (x @ w.T + b - mean) / np.sqrt(var + 1e-5)
     assert np.allclose(y, want, atol=1e-5)
+
+    again = export_hf(tmp_path / "again", p.params, p.hf_config, model_state=p.model_state)
+    exported = load_file(str(again / "model.safetensors"))
+    del tensors["toy.bn.num_batches_tracked"]  # a buffer the toy family does not write back
+    assert exported.keys() == tensors.keys()
+    assert all(np.array_equal(exported[k], tensors[k]) for k in tensors)

@@ -16,14 +16,21 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from ftlab import tree
+from ftlab.interop.errors import HFImportError
+from ftlab.interop.pretrained import load_pretrained, model_variables
 from ftlab.methods import build_method
 from ftlab.models.bert import Bert
-from ftlab.models.hf_import_encoders import HFImportError, convert_state_dict, load_hf_encoder
 from ftlab.models.resnet import ResNet
 from ftlab.models.vit import ViT
 from ftlab.schema import base_config
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+def load_hf_encoder(path):
+    """(model, variables) through the one loader every family shares."""
+    p = load_pretrained(path)
+    return p.model, p.variables
 
 
 def _expected(name):
@@ -97,27 +104,31 @@ def test_mismatched_shape_names_the_tensor(tmp_path):
     with pytest.raises(HFImportError) as err:
         load_hf_encoder(tmp_path)
     message = str(err.value)
+    assert "\n" not in message  # one line, as the CLI prints it
     assert bad in message and "(37, 31)" in message
     assert "layer_1/intermediate/kernel" in message and "(32, 37)" in message
 
 
 def test_missing_and_unexpected_tensors_are_named():
     tensors = load_file(str(FIXTURES / "tiny_bert" / "model.safetensors"))
-    model = Bert.from_hf_config(json.loads((FIXTURES / "tiny_bert" / "config.json").read_text()))
+    config = json.loads((FIXTURES / "tiny_bert" / "config.json").read_text())
+    model = Bert.from_hf_config(config)
     head = {k: tensors.pop(k) for k in ("classifier.weight", "classifier.bias")}
+    with pytest.raises(
+        HFImportError, match=r"lacks 2 parameter.*classifier/bias.*classifier/kernel"
+    ):
+        model_variables(model, tensors, config, fresh=())  # every leaf required
+    stray = {**tensors, "bert.encoder.layer.1.output.extra.weight": np.zeros(3, np.float32)}
+    with pytest.raises(HFImportError, match=r"unknown tensor.*'bert.encoder.layer.1.output.extra"):
+        model_variables(model, stray, config)
+    # A new head keeps its fresh init; BERT's pre-training heads are dropped, both noted.
     tensors["cls.predictions.bias"] = np.zeros(99, np.float32)
-    with pytest.raises(HFImportError) as err:
-        convert_state_dict(model, tensors)
-    message = str(err.value)
-    assert "classifier.weight" in message and "classifier/kernel" in message
-    assert "cls.predictions.bias" in message
-    # A new head: keep the classifier's fresh init and skip the pre-training head.
-    variables = convert_state_dict(
-        model, tensors, allow_missing=[r"^classifier/"], ignore_unexpected=[r"^cls\."]
-    )
+    variables, notes = model_variables(model, tensors, config)
     kernel = variables["params"]["classifier"]["kernel"]
     assert kernel.shape == head["classifier.weight"].T.shape
     assert not np.allclose(kernel, head["classifier.weight"].T)
+    assert "initialised classifier/kernel fresh (not in the checkpoint)" in notes
+    assert any("'cls.predictions.bias'" in n for n in notes)
 
 
 def _bert_batch():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ftlab.eval.generate import generate
+from ftlab.interop.pretrained import load_pretrained
 from ftlab.methods import build_method
-from ftlab.models.hf_import import load_pretrained
 from ftlab.schema import base_config
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -9,9 +9,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from ftlab import tree
+from ftlab.interop.errors import HFExportError
+from ftlab.interop.pretrained import export_hf, hf_tensors, load_pretrained
 from ftlab.methods import build_method
-from ftlab.models.hf_export import HFExportError, export_hf, hf_tensors
-from ftlab.models.hf_import import load_pretrained
 from ftlab.schema import base_config
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -17,10 +17,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from ftlab import tree
-from ftlab.models.hf_export import HFExportError, export_hf, hf_tensors
-from ftlab.models.hf_export_encoders import encoder_hf_config
-from ftlab.models.hf_import import read_config
-from ftlab.models.hf_import_encoders import load_hf_encoder
+from ftlab.interop.errors import HFExportError
+from ftlab.interop.pretrained import export_hf, hf_config_for, hf_tensors, load_pretrained
 from ftlab.models.resnet import ResNet
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -28,10 +26,15 @@ NAMES = ("tiny_bert", "tiny_vit", "tiny_resnet", "tiny_resnet_basic")
 _CACHE = {}
 
 
+def load_hf_encoder(path, **overrides):
+    p = load_pretrained(path, **overrides)
+    return p.model, p.variables
+
+
 def loaded(name):
     if name not in _CACHE:
-        model, variables = load_hf_encoder(FIXTURES / name)
-        _CACHE[name] = model, variables, read_config(FIXTURES / name)
+        p = load_pretrained(FIXTURES / name)
+        _CACHE[name] = p.model, p.variables, p.hf_config
     return _CACHE[name]
 
 
@@ -96,7 +99,7 @@ def test_bare_backbones_are_written_without_the_task_prefix(tmp_path):
     names = set(load_file(str(out / "model.safetensors")))
     assert "pooler.dense.weight" in names and "encoder.layer.1.output.dense.bias" in names
     assert not any(n.startswith(("bert.", "classifier")) for n in names)
-    backbone, again = load_hf_encoder(out, num_labels=0)
+    backbone, again = load_hf_encoder(out)  # architectures say BertModel: no classifier
     assert_same_variables(again["params"], params)
     batch, _ = inputs("tiny_bert")
     pooled = outputs(backbone, again, batch)
@@ -134,7 +137,7 @@ def test_refuses_non_empty_directory_and_bad_inputs(tmp_path):
     with pytest.raises(HFExportError, match="do not import back"):  # config and weights differ
         export_hf(target, params, {**config, "embedding_size": 16}, model_state=state)
     extra = {**params, "extra": {"kernel": np.ones((2, 2), np.float32)}}
-    with pytest.raises(HFExportError, match="'params/extra/kernel' has no Hugging Face name"):
+    with pytest.raises(HFExportError, match="'extra/kernel' has no Hugging Face name"):
         export_hf(target, extra, config, model_state=state)
     with pytest.raises(HFExportError, match="source .* is not a directory"):
         export_hf(target, params, config, model_state=state, source=tmp_path / "missing")
@@ -147,7 +150,7 @@ def test_refuses_non_empty_directory_and_bad_inputs(tmp_path):
 
 def test_config_written_for_an_ftlab_model_round_trips(tmp_path):
     """A ResNet built in ftlab (as the trainer's ``model.name = "resnet"``) exports with
-    ``encoder_hf_config`` and imports back to the same model and variables."""
+    ``hf_config_for`` and imports back to the same model and variables."""
     model = ResNet(
         depths=(1, 1), hidden_sizes=(8, 16), embedding_size=8, layer_type="basic", num_labels=3
     )
@@ -167,7 +170,7 @@ def test_config_written_for_an_ftlab_model_round_trips(tmp_path):
         fill, boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)
     )
     params, stats = variables["params"], variables["batch_stats"]
-    config = encoder_hf_config(model)
+    config = hf_config_for(model)
     assert config["architectures"] == ["ResNetForImageClassification"]
     out = export_hf(tmp_path / "r", params, config, model_state={"batch_stats": stats})
     again_model, again = load_hf_encoder(out)
@@ -178,7 +181,7 @@ def test_config_written_for_an_ftlab_model_round_trips(tmp_path):
     np.testing.assert_array_equal(apply(again, images), apply(plain, images))
     for name in ("tiny_bert", "tiny_vit", "tiny_resnet_basic"):  # the fixtures' models too
         fixture_model = loaded(name)[0]
-        assert type(fixture_model).from_hf_config(encoder_hf_config(fixture_model)) == fixture_model
+        assert type(fixture_model).from_hf_config(hf_config_for(fixture_model)) == fixture_model
 
 
 def _tokenizer_dir(path):
@@ -224,8 +227,6 @@ def test_tokenizer_and_generation_files_are_copied(tmp_path):
     assert reloaded(text)["input_ids"][1] == [2, 5, 1, 7, 3]  # [CLS] the [UNK] sat [SEP]
 
     # decoders copy their generation defaults the same way
-    from ftlab.models.hf_import import load_pretrained
-
     gpt2 = load_pretrained(FIXTURES / "tiny_gpt2")
     out = export_hf(tmp_path / "gpt2", gpt2.params, gpt2.hf_config, source=gpt2.path)
     assert (out / "generation_config.json").read_bytes() == (

@@ -15,15 +15,15 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from ftlab import tree
-from ftlab.methods import build_method
-from ftlab.methods.peft import (
+from ftlab.interop.peft import (
     PEFT_PREFIX,
     PeftAdapterError,
     export_method_adapter,
     export_peft_adapter,
     load_peft_adapter,
 )
-from ftlab.models.hf_import import load_pretrained
+from ftlab.interop.pretrained import load_pretrained
+from ftlab.methods import build_method
 from ftlab.schema import base_config
 
 FIXTURES = Path(__file__).parent / "fixtures"

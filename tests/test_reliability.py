@@ -99,14 +99,12 @@ def hf_dirs(tmp_path_factory):
     import jax.numpy as jnp
     from safetensors.numpy import load_file, save_file
 
-    from ftlab.models import hf_import
-    from ftlab.models.hf_export import export_hf
+    from ftlab.interop.family import get_family
+    from ftlab.interop.pretrained import build, export_hf
 
     root = tmp_path_factory.mktemp("hf")
-    family = hf_import.get_family("gpt2")
-    model = family.build(
-        family.config_from_hf(TINY_GPT2), head="lm", dtype=jnp.float32, param_dtype=jnp.float32
-    )
+    family = get_family("gpt2")
+    model = build(family, dict(TINY_GPT2), head="lm", options={"dtype": jnp.float32})
     params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     good = export_hf(root / "good", jax.tree.map(np.asarray, params), dict(TINY_GPT2))
     dirs = {"good": good}
@@ -313,22 +311,22 @@ def test_an_unreachable_hub_is_found_in_seconds(monkeypatch):
     import socket
     import time
 
-    from ftlab.models import hf_import
+    from ftlab.interop import hub
 
     def hangs(*args, **kwargs):  # a network that drops packets: no answer, no error
         time.sleep(5)
         raise OSError("timed out")
 
     monkeypatch.setattr(socket, "create_connection", hangs)
-    hf_import._probe.cache_clear()
+    hub._probe.cache_clear()
     start = time.perf_counter()
-    why = hf_import._probe("https://huggingface.co", 0.5)
+    why = hub._probe("https://huggingface.co", 0.5)
     assert time.perf_counter() - start < 1.5 and "no answer from huggingface.co:443" in why
-    hf_import._probe.cache_clear()
-    monkeypatch.setattr(hf_import, "hub_unreachable", lambda: why)
+    hub._probe.cache_clear()
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: why)
     start = time.perf_counter()
-    with pytest.raises(hf_import.HubOfflineError, match="unreachable: no answer"):
-        hf_import.resolve("gpt2")  # the local cache only: no retries
+    with pytest.raises(hub.HubOfflineError, match="unreachable: no answer"):
+        hub.resolve("gpt2")  # the local cache only: no retries
     assert time.perf_counter() - start < 3
 
 

@@ -56,9 +56,7 @@ def test_a_staged_workdir_resumes_bit_exactly_and_holds_every_file(tmp_path, mon
     assert train(cfg, str(remote))["wall_time_s"] == resumed["wall_time_s"]  # finished: read
 
 
-def test_a_multi_run_experiment_runs_into_a_url_and_commands_read_it(
-    tmp_path, monkeypatch, capsys
-):
+def test_a_multi_run_experiment_runs_into_a_url_and_commands_read_it(tmp_path, monkeypatch, capsys):
     """Stages and variants into a URL: the runs' files in the bucket, checkpoints and params
     straight there, a stage reference read from the bucket; a fresh machine resumes without
     retraining; ``ftlab eval`` and ``compare`` read the bucket's runs."""

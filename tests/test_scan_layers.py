@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from ftlab import tree
-from ftlab.models.hf_import import load_pretrained
-from ftlab.models.hf_import_encoders import load_hf_encoder
+from ftlab.interop.pretrained import load_pretrained
 from ftlab.models.layers import stack_layers, unstack_layers
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -27,7 +26,8 @@ def _model_params_batch(name):
         p = load_pretrained(FIXTURES / name)
         batch = {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"]}
         return p.model, p.params, batch
-    model, variables = load_hf_encoder(FIXTURES / name)
+    p = load_pretrained(FIXTURES / name)
+    model, variables = p.model, p.variables
     if name == "tiny_vit":
         return model, variables["params"], jnp.asarray(data["pixel_values"]).transpose(0, 2, 3, 1)
     keys = ("input_ids", "attention_mask", "token_type_ids")
@@ -162,7 +162,7 @@ def test_conversion_errors_name_the_problem():
 
 
 def test_scanned_trees_export_to_the_same_hugging_face_tensors():
-    from ftlab.models.hf_export import hf_tensors
+    from ftlab.interop.pretrained import hf_tensors
 
     p = load_pretrained(FIXTURES / "tiny_llama")
     want = hf_tensors(p.params, p.hf_config)

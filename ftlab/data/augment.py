@@ -314,8 +314,15 @@ def augment_train_batch(cfg: Any, data: Any, batch: dict, step: int, seed: int) 
 
     Text is augmented as words and tokenised again, so it needs the split's raw text
     (``batch["text"]["text"]``, present when text augmentation is on) and ``data.tokenizer``.
+    Audio (``speed``, ``noise``) is augmented as waveforms whose log-mel features are computed
+    again (``ftlab.data.audio``: the training split then carries ``inputs/waveform``).
     """
     raw = batch.pop("text", None)
+    if isinstance(batch.get("inputs"), dict) and "waveform" in batch["inputs"]:
+        from ftlab.data.audio import audio_options, augment_train_audio
+
+        extractor = data.feature_extractor
+        batch = augment_train_audio(batch, step, seed, audio_options(cfg), extractor)
     images = image_options(cfg)
     if images.active:
         batch = augment_train_images(batch, step, seed, images, data.num_outputs)

@@ -6,6 +6,8 @@ know which column holds the inputs without being told again:
 - ``text``, ``prompt``, ``response``: strings; ``context``: an instruction's optional input
   (Alpaca's ``input``, may be empty);
 - ``image``: one array (H, W) or (H, W, C) per row;
+- ``audio``: a clip per row: a file path, an array of samples or an HF ``Audio`` cell
+  (``ftlab.data.audio``; with ``text`` as its transcript: speech recognition);
 - ``features``: one numeric vector per row, or tabular data as scalar columns named
   ``features.<source name>`` (so cleaning can impute and clip each of them);
 - ``label``: class (int or string) or regression target; ``group``: a subgroup tag for
@@ -25,9 +27,19 @@ import pandas as pd
 
 from ftlab.config import ConfigError
 
-CANONICAL = ("text", "label", "image", "prompt", "context", "response", "group", "features")
+CANONICAL = (
+    "text",
+    "label",
+    "image",
+    "prompt",
+    "context",
+    "response",
+    "group",
+    "features",
+    "audio",
+)
 TEXT_COLUMNS = ("text", "prompt", "response")
-INPUT_COLUMNS = ("text", "image", "prompt", "context", "response", "features")
+INPUT_COLUMNS = ("text", "image", "prompt", "context", "response", "features", "audio")
 FEATURE_PREFIX = "features."
 
 

@@ -23,7 +23,7 @@ from ftlab.data import Dataset, Split, balance, clean, splitting, tables
 
 log = logging.getLogger("ftlab")
 
-TASKS = ("auto", "classification", "regression", "causal_lm")
+TASKS = ("auto", "classification", "regression", "causal_lm", "seq2seq")
 
 
 def infer_task(frame: pd.DataFrame, task: str) -> str:
@@ -32,6 +32,10 @@ def infer_task(frame: pd.DataFrame, task: str) -> str:
     if task != "auto":
         return task
     columns = set(frame.columns)
+    if "audio" in columns:  # clips and transcripts: speech recognition (ftlab.data.audio)
+        from ftlab.data.audio import SPEECH_TASK
+
+        return SPEECH_TASK
     if "response" in columns or ("text" in columns and "label" not in columns):
         return "causal_lm"
     if "label" in columns and pd.api.types.is_float_dtype(frame["label"]):
@@ -215,12 +219,20 @@ def load_dataset(
     log.info("data splits:\n%s", splitting.format_report(report["splits"], splits.label_names))
     text_input = "text" in splits.train.columns
     tok = None
-    if task == "causal_lm" or text_input:
+    if task in ("causal_lm", "seq2seq") or text_input:  # seq2seq: prompt -> response text
         from ftlab.data.text import load_tokenizer, with_pad_token
 
         tok = with_pad_token(load_tokenizer(cfg.tokenizer or tokenizer))
-    if task == "causal_lm":
+    if "audio" in splits.train.columns:  # speech recognition: log-mel features + transcripts
+        from ftlab.data.audio import speech_dataset
+
+        data = speech_dataset(cfg, _frames(splits), tok, cfg.tokenizer or tokenizer)
+    elif task == "causal_lm":
         data = _lm_dataset(cfg, splits, tok)
+    elif task == "seq2seq":  # text to text (T5): prompt (+ context) -> response
+        from ftlab.data.text import text_to_text_dataset
+
+        data = text_to_text_dataset(_frames(splits), tok, cfg.max_length)
     elif text_input:
         data = _text_classification(cfg, splits, tok, list(splits.label_names or []))
     else:

@@ -33,7 +33,7 @@ import pandas as pd
 
 from ftlab.config import ConfigError
 from ftlab.data.frames import CANONICAL, FEATURE_PREFIX, decode_image, spec_get
-from ftlab.models.hf_import import hub_offline
+from ftlab.interop.hub import hub_offline
 
 SOURCES = ("hf", "tfds", "arrays", "sklearn", "npz")
 HF_FORMATS = ("csv", "json", "parquet", "imagefolder", "disk")

@@ -57,7 +57,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = No
     """
     from transformers import AutoTokenizer
 
-    from ftlab.models.hf_import import hub_offline, looks_like_hub_id
+    from ftlab.interop.hub import hub_offline, looks_like_hub_id
 
     text = os.fspath(name_or_path)
     if not text:
@@ -510,3 +510,122 @@ def lm_arrays(
             _tokens(np.append(e.ids, separator), np.append(e.trainable, True)) for e in examples
         ]
     return pad_examples(examples, max_length, tokenizer.pad_token_id)
+
+
+# -- text to text (encoder-decoder: T5) ----------------------------------------------------------
+
+
+def seq2seq_arrays(
+    tokenizer: Any,
+    sources: Sequence[str],
+    targets: Sequence[str],
+    max_length: int,
+    target_length: int = 0,
+    decoder_start_token_id: int | None = None,
+    prefix: str = "",
+) -> dict[str, Any]:
+    """Encoder inputs and decoder targets of source -> target text pairs (T5).
+
+    Each text is tokenised without special tokens and ends with eos (what T5's tokenizer does),
+    the source after ``prefix`` (T5's task prefix, e.g. ``"summarize: "``). Returns
+    ``{"inputs": {...}, "labels": ...}``: ``input_ids`` / ``attention_mask`` (n, max_length),
+    right-padded with the pad id (a longer source keeps its first ``max_length - 1`` tokens
+    and its eos); ``labels`` (n, target_length, default ``max_length``): the target tokens
+    and eos, ``IGNORE_INDEX`` on padding (a longer target is cut, its eos with it);
+    ``decoder_input_ids``: the labels shifted right behind ``decoder_start_token_id``
+    (default: the pad id, as T5), pad ids where the labels are ignored;
+    ``decoder_attention_mask``: 1 on the start token and the real targets before the last.
+    The loss on these is ``losses.seq2seq_lm_loss``: position ``i`` predicts ``labels[:, i]``.
+    """
+    _check_length(max_length, "data.max_length")
+    target_length = int(target_length or max_length)
+    _check_length(target_length, "data.target_length")
+    sources = _check_texts(sources, "seq2seq source text")
+    targets = _check_texts(targets, "seq2seq target text")
+    if len(sources) != len(targets):
+        raise ConfigError(f"seq2seq: {len(sources)} source texts but {len(targets)} targets")
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if pad is None or eos is None:
+        raise ConfigError(f"{TOKENIZER_KEY}: a seq2seq tokenizer needs pad and eos tokens")
+    start = pad if decoder_start_token_id is None else int(decoder_start_token_id)
+    n = len(sources)
+    src = tokenizer([prefix + s for s in sources], add_special_tokens=False)["input_ids"]
+    tgt = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
+    input_ids = np.full((n, max_length), pad, np.int32)
+    attention_mask = np.zeros((n, max_length), np.int32)
+    labels = np.full((n, target_length), IGNORE_INDEX, np.int32)
+    for i, (s, t) in enumerate(zip(src, tgt)):
+        s = list(s[: max_length - 1]) + [eos]
+        input_ids[i, : len(s)] = s
+        attention_mask[i, : len(s)] = 1
+        t = (list(t) + [eos])[:target_length]
+        labels[i, : len(t)] = t
+    shifted = np.concatenate([np.full((n, 1), start, np.int32), labels[:, :-1]], axis=1)
+    decoder_mask = np.concatenate([np.ones((n, 1), bool), labels[:, :-1] >= 0], axis=1)
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "decoder_input_ids": np.where(shifted < 0, pad, shifted).astype(np.int32),
+        "decoder_attention_mask": decoder_mask.astype(np.int32),
+    }
+    return {"inputs": inputs, "labels": labels}
+
+
+def text_to_text_dataset(
+    frames: Mapping[str, Any],
+    tokenizer: Any,
+    max_length: int,
+    target_length: int = 0,
+    decoder_start_token_id: int | None = None,
+    prefix: str = "",
+) -> Any:
+    """A ``seq2seq`` ``Dataset`` of text-to-text columns: each split's ``prompt`` (the source;
+    with ``context`` appended after a space when there is one) -> ``response`` (the target),
+    through ``seq2seq_arrays``. Examples are weighted by their target-token count (as
+    language-modelling examples are) and keep their ``prompt`` / ``context`` / ``response``
+    texts, so evaluation by generation can group references by source.
+
+    ``frames``: ``{"train", "val", "test"}`` data frames (``ftlab.data.loading`` makes them).
+    """
+    from ftlab.data import Dataset, Split
+
+    out = {}
+    for name, frame in frames.items():
+        missing = [c for c in ("prompt", "response") if c not in frame.columns]
+        if missing:
+            raise ConfigError(
+                f"config.data.columns: text-to-text (seq2seq) data needs 'prompt' (source) and "
+                f"'response' (target) columns; {name} lacks {', '.join(missing)}"
+            )
+        sources = frame["prompt"].astype(str).tolist()
+        if "context" in frame.columns:
+            context = frame["context"].fillna("").astype(str).tolist()
+            sources = [f"{s} {c}".strip() for s, c in zip(sources, context)]
+        targets = frame["response"].astype(str).tolist()
+        kept = {  # a missing context kept as "" (as in the source), never "nan"
+            c: frame[c].fillna("").astype(str).to_numpy(object)
+            for c in ("prompt", "context", "response")
+            if c in frame.columns
+        }
+        if not sources:
+            empty = seq2seq_arrays(tokenizer, ["x"], ["x"], max_length, target_length)
+            arrays = {
+                "inputs": {k: v[:0] for k, v in empty["inputs"].items()},
+                "labels": empty["labels"][:0],
+            }
+        else:
+            arrays = seq2seq_arrays(
+                tokenizer,
+                sources,
+                targets,
+                max_length,
+                target_length,
+                decoder_start_token_id,
+                prefix,
+            )
+        labels = arrays["labels"]
+        weights = (labels >= 0).sum(-1).astype(np.float32)
+        out[name] = Split(arrays["inputs"], labels, weights, kept)
+    data = Dataset(**out, task="seq2seq", num_outputs=0, class_names=[])
+    data.tokenizer = tokenizer
+    return data

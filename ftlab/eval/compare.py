@@ -6,7 +6,8 @@ the task (``summary["task"]``, else inferred from the metric names):
 
 - classification: accuracy, macro F1, and the largest per-group accuracy gap when measured;
 - regression: MSE, MAE, R²;
-- causal LM: loss, perplexity, token accuracy, plus BLEU / chrF / ROUGE-L when the run decoded.
+- causal LM and sequence to sequence (T5): loss, perplexity, token accuracy, plus BLEU / chrF /
+  ROUGE-L when the run decoded (so GPT-2 and T5 runs on E2E share one table).
 
 Scores are on the held-out split (test, or val when there is none), mean ± std over seeds.
 Every row also gives trainable parameters and their share of the total, steps, wall time,
@@ -47,8 +48,13 @@ __all__ = [
 
 log = logging.getLogger("ftlab")
 
-PRIMARY = {"classification": "accuracy", "regression": "mse", "causal_lm": "perplexity"}
-LOWER_IS_BETTER = {"mse", "mae", "loss", "perplexity", "group_accuracy_gap"}
+PRIMARY = {
+    "classification": "accuracy",
+    "regression": "mse",
+    "causal_lm": "perplexity",
+    "seq2seq": "perplexity",
+}
+LOWER_IS_BETTER = {"mse", "mae", "loss", "perplexity", "group_accuracy_gap", "wer"}
 TASK_METRICS = {
     "classification": [
         ("accuracy", "accuracy"),
@@ -62,7 +68,11 @@ TASK_METRICS = {
         ("token_accuracy", "token accuracy"),
     ],
 }
-GENERATION_METRICS = [("bleu", "BLEU"), ("chrf", "chrF"), ("rougeL", "ROUGE-L")]
+TASK_METRICS["seq2seq"] = TASK_METRICS["causal_lm"]  # on the decoder's target tokens
+# Tasks whose runs share one table: a causal LM and an encoder-decoder writing the same texts
+# (GPT-2 and T5 on E2E) have the same token metrics and decoding scores.
+COMPARABLE = {"seq2seq": "causal_lm"}
+GENERATION_METRICS = [("bleu", "BLEU"), ("chrf", "chrF"), ("rougeL", "ROUGE-L"), ("wer", "WER")]
 # Shown only when some run measured them (the rest always, "–" where missing).
 LABELS = {k: h for cols in (*TASK_METRICS.values(), GENERATION_METRICS) for k, h in cols}
 OPTIONAL = {"m_group_accuracy_gap", "examples_per_sec", "tokens_per_sec"}
@@ -101,8 +111,10 @@ def _has_generation(runs: list[dict]) -> bool:
 
 def primary_metric(task: str, runs: list[dict]) -> str:
     """Accuracy (classification), MSE (regression), perplexity (causal LM), or BLEU when
-    the causal-LM runs decoded; loss for anything else."""
-    if task == "causal_lm" and any("bleu" in held_out(r)[1] for r in runs):
+    the causal-LM runs decoded, WER when speech runs transcribed; loss for anything else."""
+    if any("wer" in held_out(r)[1] for r in runs):
+        return "wer"
+    if task in ("causal_lm", "seq2seq") and any("bleu" in held_out(r)[1] for r in runs):
         return "bleu"
     return PRIMARY.get(task, "loss")
 
@@ -232,9 +244,11 @@ def compare(
     splits = {held_out(r)[0] for r in every}
     split = "test" if splits == {"test"} else "val" if splits == {"val"} else "held-out"
 
-    metric_cols = [col for t in tasks for col in TASK_METRICS.get(t, [])]
-    if _has_generation(every):
-        metric_cols += GENERATION_METRICS
+    metric_cols = list(dict.fromkeys(col for t in tasks for col in TASK_METRICS.get(t, [])))
+    if _has_generation(every):  # the decoding scores some run measured (BLEU ..., or WER)
+        metric_cols += [
+            col for col in GENERATION_METRICS if any(col[0] in held_out(r)[1] for r in every)
+        ]
     if not metric_cols:
         metric_cols = [("loss", "loss")]
     with_before = any(_before(r, held_out(r)[0]) for r in first)
@@ -456,7 +470,7 @@ def compare_runs(
         for run in runs[1:]:
             if task_of(run) != tasks[name]:
                 raise ConfigError(f"{name}: its seeds ran different tasks")
-    if len(set(tasks.values())) > 1:
+    if len({COMPARABLE.get(t, t) for t in tasks.values()}) > 1:
         listed = ", ".join(f"{d} ({tasks[n]})" for n, d in zip(names, dirs))
         raise ConfigError(f"compare: runs of different tasks cannot be compared: {listed}")
     if baseline and baseline not in results:

@@ -1,4 +1,5 @@
-"""Batched autoregressive generation for ftlab's decoders (GPT-2, LLaMA) with a key/value cache.
+"""Batched autoregressive generation for ftlab's decoders (GPT-2, LLaMA) with a key/value cache,
+and for encoder-decoders (T5: ``generate_seq2seq``, the same search after one encoder pass).
 
 ``generate`` prefills the prompts in one call of the model with ``decode=True`` (see
 ``ftlab.models.layers.Decoder``) and then decodes one token a step inside a jitted
@@ -28,6 +29,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ftlab.methods import Method
 from ftlab.methods import lora as lora_lib
@@ -160,13 +162,13 @@ def _forward(model, s: _Settings, params, factors):
     return forward
 
 
-def _run(model, s: _Settings, params, factors, ids, mask, rng, knobs) -> Generated:
+def _run(model, s: _Settings, params, factors, ids, mask, rng, knobs, prefill=None) -> Generated:
+    """``prefill(ids, mask) -> (last logits, cache)`` replaces the prompt's pass through a
+    fresh cache (an encoder-decoder primes its cache with the encoder: ``generate_seq2seq``)."""
     if s.num_beams > 1:
-        return _beam_search(model, s, params, factors, ids, mask)
+        return _beam_search(model, s, params, factors, ids, mask, prefill)
     batch, length = ids.shape
     ids, mask = left_pad(ids, mask)
-    total = length + s.max_new_tokens
-    cache = init_cache(model, batch, total)
     eos = jnp.asarray(s.eos if s.eos else (-1,), jnp.int32)
     forward = _forward(model, s, params, factors)
     history = jnp.concatenate([ids, jnp.zeros((batch, s.max_new_tokens), jnp.int32)], axis=1)
@@ -185,7 +187,10 @@ def _run(model, s: _Settings, params, factors, ids, mask, rng, knobs) -> Generat
         valid = valid.at[:, length + step].set(~finished)
         return token, finished | jnp.isin(token, eos), history, valid
 
-    logits, cache = forward(cache, ids, mask)
+    if prefill is None:
+        logits, cache = forward(init_cache(model, batch, length + s.max_new_tokens), ids, mask)
+    else:
+        logits, cache = prefill(ids, mask)
     finished = jnp.zeros((batch,), bool)
     token, done, history, valid = pick(logits, 0, finished, history, valid)
     tokens = jnp.full((batch, s.max_new_tokens), s.pad, jnp.int32).at[:, 0].set(token)
@@ -216,7 +221,7 @@ def _run(model, s: _Settings, params, factors, ids, mask, rng, knobs) -> Generat
     return Generated(tokens, lengths, all_logits if s.return_logits else None)
 
 
-def _beam_search(model, s: _Settings, params, factors, ids, mask) -> Generated:
+def _beam_search(model, s: _Settings, params, factors, ids, mask, prefill=None) -> Generated:
     """Hugging Face's (vectorised, transformers >= 4.50) beam search, ``early_stopping=False``.
 
     Each step keeps the ``max(2, 1 + n_eos) * num_beams`` best continuations of all beams; the
@@ -230,12 +235,14 @@ def _beam_search(model, s: _Settings, params, factors, ids, mask) -> Generated:
     ids, mask = left_pad(ids, mask)
     ids, mask = jnp.repeat(ids, k, axis=0), jnp.repeat(mask, k, axis=0)
     rows = batch * k
-    cache = init_cache(model, rows, length + steps)
     forward = _forward(model, s, params, factors)
     eos = jnp.asarray(s.eos if s.eos else (-1,), jnp.int32)
     keep = max(2, 1 + len(s.eos)) * k
     neg = jnp.float32(-1.0e9)
-    logits, cache = forward(cache, ids, mask)
+    if prefill is None:
+        logits, cache = forward(init_cache(model, rows, length + steps), ids, mask)
+    else:
+        logits, cache = prefill(ids, mask)
     vocab = logits.shape[-1]
     history = jnp.concatenate([ids, jnp.zeros((rows, steps), jnp.int32)], axis=1)
     valid = jnp.concatenate([mask, jnp.zeros((rows, steps), bool)], axis=1)
@@ -348,6 +355,52 @@ def generate(
     prompt's real tokens and the generated ones (Hugging Face also counts padding tokens). The cache holds
     ``length + max_new_tokens`` positions (GPT-2: at most ``n_positions``).
     """
+    args = _setup(
+        params,
+        prompt_ids,
+        prompt_mask,
+        max_new_tokens=max_new_tokens,
+        method=method,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        rng=rng,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        adapter=adapter,
+        trainable=trainable,
+        frozen=frozen,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        return_logits=return_logits,
+    )
+    return _run_jit(model, *args)
+
+
+def _setup(
+    params,
+    prompt_ids,
+    prompt_mask,
+    *,
+    max_new_tokens,
+    method,
+    temperature,
+    top_k,
+    top_p,
+    rng,
+    eos_token_id,
+    pad_token_id,
+    adapter,
+    trainable,
+    frozen,
+    num_beams,
+    length_penalty,
+    no_repeat_ngram_size,
+    return_logits,
+) -> tuple:
+    """``generate``'s checks; ``(settings, params, factors, ids, mask, key, knobs)`` for
+    ``_run``."""
     if method not in METHODS:
         raise ValueError(f"generate method {method!r}: choose one of {', '.join(METHODS)}")
     if num_beams < 1:
@@ -404,4 +457,162 @@ def generate(
         "top_p": jnp.float32(1.0 if top_p is None else top_p),
     }
     key = jax.random.key(0) if rng is None else rng
-    return _run_jit(model, settings, params, factors, ids, mask.astype(bool), key, knobs)
+    return settings, params, factors, ids, mask.astype(bool), key, knobs
+
+
+# -- encoder-decoder models (T5) ------------------------------------------------------------
+
+
+def _run_seq2seq(model, s: _Settings, params, factors, source, source_mask, start, rng, knobs):
+    """``_run`` for an encoder-decoder: the decoder prompt is ``start`` (one token a row) and
+    the prefill runs the encoder once, priming every layer's cross-attention keys / values
+    (and the self-attention cache with the start token); beam search repeats the source rows
+    as it repeats the prompts."""
+    batch = source.shape[0]
+    total = 1 + s.max_new_tokens
+
+    def prefill(ids, mask):
+        rows = ids.shape[0]
+        src = jnp.repeat(source, rows // batch, axis=0)
+        src_mask = jnp.repeat(source_mask, rows // batch, axis=0)
+
+        def init():
+            dec = jnp.zeros((rows, total), jnp.int32)
+            variables = model.init(jax.random.key(0), src, src_mask, dec, decode=True)
+            return variables["cache"]
+
+        cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(init))
+
+        def call():
+            return model.apply(
+                {"params": params, "cache": cache},
+                src,
+                src_mask,
+                ids,
+                mask,
+                decode=True,
+                mutable=["cache"],
+            )
+
+        if factors is None:
+            logits, state = call()
+        else:
+            with nn.intercept_methods(lora_lib.interceptor(factors, s.adapter.lora, None)):
+                logits, state = call()
+        return logits[:, -1].astype(jnp.float32), state["cache"]
+
+    ids = jnp.full((batch, 1), start, jnp.int32)
+    return _run(model, s, params, factors, ids, jnp.ones((batch, 1), bool), rng, knobs, prefill)
+
+
+_run_seq2seq_jit = jax.jit(_run_seq2seq, static_argnums=(0, 1))
+
+
+def generate_seq2seq(
+    model: nn.Module,
+    params: Mapping | None,
+    input_ids: Any,
+    attention_mask: Any = None,
+    *,
+    max_new_tokens: int,
+    decoder_start_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    method: str = "greedy",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    rng: jax.Array | None = None,
+    adapter: Method | None = None,
+    trainable: Mapping | None = None,
+    frozen: Mapping | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    return_logits: bool = False,
+) -> Generated:
+    """``generate`` for an encoder-decoder (``ftlab.models.t5.T5``): the source
+    ``input_ids`` / ``attention_mask`` (either padding) go through the encoder once, the
+    decoder starts from ``decoder_start_token_id`` and runs with its key/value cache (see
+    ``T5``). Start, EOS and pad ids default to the model config's. Same methods, knobs and
+    ``Generated`` as ``generate`` (``tokens``: the new tokens, the start token not included;
+    Hugging Face's ``generate`` output is the start token followed by them).
+    """
+    cfg = getattr(model, "config", None)
+    if decoder_start_token_id is None:
+        decoder_start_token_id = getattr(cfg, "decoder_start_token_id", None)
+    if decoder_start_token_id is None:
+        raise ValueError("generate_seq2seq needs a decoder_start_token_id")
+    if eos_token_id is None:
+        eos_token_id = getattr(cfg, "eos_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = getattr(cfg, "pad_token_id", 0) or 0
+    s, params, factors, ids, mask, key, knobs = _setup(
+        params,
+        input_ids,
+        attention_mask,
+        max_new_tokens=max_new_tokens,
+        method=method,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        rng=rng,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        adapter=adapter,
+        trainable=trainable,
+        frozen=frozen,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        return_logits=return_logits,
+    )
+    start = jnp.int32(decoder_start_token_id)
+    return _run_seq2seq_jit(model, s, params, factors, ids, mask, start, key, knobs)
+
+
+def decode_sources(
+    model: nn.Module,
+    method: Method,
+    trainable: Mapping,
+    frozen: Mapping,
+    sources: Sequence[Sequence[int]],
+    tokenizer: Any,
+    cfg: Any,
+) -> list[str]:
+    """The text an encoder-decoder writes for each source (token ids, as training encoded
+    them: ``ftlab.data.text.seq2seq_arrays``), with ``config.eval``'s decoding settings
+    (``batch_size``, ``max_new_tokens``, ``num_beams``, ``length_penalty``,
+    ``no_repeat_ngram_size``), LoRA factored through ``method``, in fixed-size right-padded
+    batches (one compilation). What evaluation by generation (BLEU) of a T5 run decodes."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    width = max((len(s) for s in sources), default=1)
+    texts: list[str] = []
+    for start in range(0, len(sources), cfg.batch_size):
+        chunk = sources[start : start + cfg.batch_size]
+        ids = np.full((cfg.batch_size, width), pad, np.int32)
+        mask = np.zeros((cfg.batch_size, width), np.int32)
+        mask[:, 0] = 1  # filler rows need one real token
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        out = generate_seq2seq(
+            model,
+            None,
+            ids,
+            mask,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            adapter=method,
+            trainable=trainable,
+            frozen=frozen,
+            num_beams=cfg.num_beams,
+            length_penalty=cfg.length_penalty,
+            no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+        )
+        tokens, lengths = jax.device_get(out.tokens), jax.device_get(out.lengths)
+        for row in range(len(chunk)):
+            new = [t for t in tokens[row, : lengths[row]].tolist() if t != eos]
+            texts.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    return texts

@@ -17,7 +17,7 @@ import numpy as np
 from ftlab.data import Split
 from ftlab.data import text as text_lib
 from ftlab.eval import text_metrics
-from ftlab.eval.generate import generate
+from ftlab.eval.generate import decode_sources, generate
 
 
 def grouped_prompts(split: Split, limit: int) -> list[tuple[dict[str, str], list[str]]]:
@@ -93,7 +93,15 @@ def evaluate_generation(
     cfg: Any,
     out_file: Path | None = None,
 ) -> dict[str, float]:
-    """Decode ``cfg.generate_examples`` distinct prompts (``config.eval``) and score them."""
+    """Decode ``cfg.generate_examples`` distinct prompts (``config.eval``) and score them;
+    speech data (log-mel ``input_features``) is transcribed and scored by WER instead
+    (``evaluate_transcription``)."""
+    if isinstance(split.inputs, dict) and "input_features" in split.inputs:
+        return evaluate_transcription(
+            model, method, trainable, frozen, split, tokenizer, cfg, out_file
+        )
+    if isinstance(split.inputs, dict) and "decoder_input_ids" in split.inputs:  # T5
+        return evaluate_seq2seq(model, method, trainable, frozen, split, tokenizer, cfg, out_file)
     template = text_lib.load_template(template_spec)
     groups = grouped_prompts(split, cfg.generate_examples)
     ids = [prompt_ids(tokenizer, template, record) for record, _ in groups]
@@ -112,4 +120,119 @@ def evaluate_generation(
     if out_file is not None:
         with open(out_file, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+    return scores
+
+
+def _scores(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
+    scores = {
+        "bleu": text_metrics.bleu(hypotheses, references),
+        "chrf": text_metrics.chrf(hypotheses, references),
+    }
+    scores.update(text_metrics.rouge(hypotheses, references))
+    scores["generated_examples"] = len(hypotheses)
+    return scores
+
+
+def source_text(prompt: str, context: str = "") -> str:
+    """A text-to-text example's source as ``text_to_text_dataset`` forms it: the prompt, then
+    the context after a space when there is one."""
+    return f"{prompt} {context}".strip()
+
+
+def encode_sources(tokenizer: Any, sources: list[str], max_length: int) -> list[list[int]]:
+    """Source token ids (eos-terminated, cut to ``max_length``) exactly as ``seq2seq_arrays``
+    encodes a training example's source (the targets here are placeholders)."""
+    if not sources:
+        return []
+    arrays = text_lib.seq2seq_arrays(tokenizer, sources, ["x"] * len(sources), max_length)
+    ids, mask = arrays["inputs"]["input_ids"], arrays["inputs"]["attention_mask"]
+    return [row[: int(m.sum())].tolist() for row, m in zip(ids, mask)]
+
+
+def evaluate_seq2seq(
+    model: Any,
+    method: Any,
+    trainable: Any,
+    frozen: Any,
+    split: Split,
+    tokenizer: Any,
+    cfg: Any,
+    out_file: Path | None = None,
+) -> dict[str, float]:
+    """An encoder-decoder's (T5's) outputs for up to ``cfg.generate_examples`` distinct sources
+    of a text-to-text split (``prompt`` + ``context`` -> ``response``), each decoded once
+    (``decode_sources``, ``config.eval``'s settings) and scored by BLEU / chrF / ROUGE against
+    all of its references (E2E has several per meaning representation), as the causal-LM
+    branch scores. Sources are encoded by ``seq2seq_arrays`` to the split's source length,
+    as in training; ``out_file`` gets one JSON line per source (prompt, output, references)."""
+    groups = grouped_prompts(split, cfg.generate_examples)
+    sources = [source_text(r["instruction"], r["input"]) for r, _ in groups]
+    width = int(np.shape(split.inputs["input_ids"])[-1])
+    ids = encode_sources(tokenizer, sources, width)
+    hypotheses = decode_sources(model, method, trainable, frozen, ids, tokenizer, cfg)
+    references = [refs for _, refs in groups]
+    if out_file is not None:
+        with open(out_file, "w") as f:
+            for (record, refs), text in zip(groups, hypotheses):
+                row = {"prompt": record["instruction"], "output": text, "references": refs}
+                if record["input"]:
+                    row["context"] = record["input"]
+                f.write(json.dumps(row) + "\n")
+    return _scores(hypotheses, references)
+
+
+def transcribe(
+    model: Any,
+    params: Any,
+    features: np.ndarray,
+    tokenizer: Any,
+    batch_size: int,
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy transcripts of log-mel ``features`` (n, mels, frames) by a Whisper model with
+    the cache, after the tokenizer's forced prefix (``<|startoftranscript|><|en|>
+    <|transcribe|><|notimestamps|>``), in fixed-size batches (one compilation)."""
+    from ftlab.models.whisper import greedy_decode
+
+    prefix = list(tokenizer.prefix_tokens)
+    eos = tokenizer.eos_token_id
+    room = model.config.max_target_positions - len(prefix)
+    steps = max(1, min(int(max_new_tokens), room))
+    texts: list[str] = []
+    for start in range(0, len(features), batch_size):
+        chunk = np.asarray(features[start : start + batch_size], np.float32)
+        batch = np.zeros((batch_size, *chunk.shape[1:]), np.float32)
+        batch[: len(chunk)] = chunk
+        ids = np.asarray(greedy_decode(model, params, batch, prefix, steps, eos_token_id=eos))
+        for row in ids[: len(chunk), len(prefix) :].tolist():
+            row = row[: row.index(eos)] if eos in row else row
+            texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts
+
+
+def evaluate_transcription(
+    model: Any,
+    method: Any,
+    trainable: Any,
+    frozen: Any,
+    split: Split,
+    tokenizer: Any,
+    cfg: Any,
+    out_file: Path | None = None,
+) -> dict[str, float]:
+    """Transcribe up to ``cfg.generate_examples`` clips of ``split`` (greedy, LoRA merged) and
+    score the word error rate (``text_metrics.wer``, lower is better) against their
+    transcripts; ``out_file`` gets one JSON line per clip (audio, output, reference)."""
+    n = min(int(cfg.generate_examples), len(split))
+    params = method.merged_params(trainable, frozen)
+    features = split.inputs["input_features"][:n]
+    hypotheses = transcribe(model, params, features, tokenizer, cfg.batch_size, cfg.max_new_tokens)
+    references = [str(t) for t in split.text["text"][:n]]
+    scores = {"wer": text_metrics.wer(hypotheses, references), "generated_examples": n}
+    if out_file is not None:
+        audio = split.text.get("audio", np.full(n, "", object))
+        with open(out_file, "w") as f:
+            for clip, text, ref in zip(audio, hypotheses, references):
+                row = {"audio": str(clip), "output": text, "reference": ref}
+                f.write(json.dumps(row) + "\n")
     return scores

@@ -1,4 +1,5 @@
-"""Generation metrics: corpus BLEU (sacrebleu) and ROUGE (Google's rouge-score), perplexity.
+"""Generation metrics: corpus BLEU (sacrebleu) and ROUGE (Google's rouge-score), perplexity,
+and the word error rate of transcripts (jiwer).
 
 BLEU is sacrebleu's corpus BLEU with its default 13a tokenisation, so numbers are comparable
 with published ones computed the same way (the E2E challenge's own script differs slightly).
@@ -72,3 +73,36 @@ def perplexity(token_losses: np.ndarray, token_counts: np.ndarray) -> float:
         raise ValueError("perplexity over zero tokens")
     mean = float(np.sum(np.asarray(token_losses, np.float64) * counts) / total)
     return math.exp(mean)
+
+
+def normalise_transcript(text: str) -> str:
+    """Lower case, punctuation removed (apostrophes kept), whitespace collapsed: the light
+    normalisation WER is commonly reported after (not Whisper's full English normaliser)."""
+    import re
+
+    text = re.sub(r"[^\w\s']", " ", str(text).lower())
+    return " ".join(text.split())
+
+
+def wer(hypotheses: Sequence[str], references: Sequence[str], normalise: bool = True) -> float:
+    """Corpus word error rate (jiwer: substitutions + deletions + insertions over reference
+    words), as a fraction; transcripts are normalised first (``normalise_transcript``)."""
+    import jiwer
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    if not len(references):
+        return float("nan")
+    prep = normalise_transcript if normalise else str
+    refs = [prep(r) for r in references]
+    hyps = [prep(h) for h in hypotheses]
+    if not any(refs):
+        raise ValueError("WER needs at least one non-empty reference")
+    # jiwer refuses empty references: a hypothesis for one counts its words as insertions
+    pairs = [(r, h) for r, h in zip(refs, hyps) if r]
+    dropped = [h for r, h in zip(refs, hyps) if not r]
+    out = jiwer.process_words([r for r, _ in pairs], [h for _, h in pairs])
+    errors = out.substitutions + out.deletions + out.insertions
+    errors += sum(len(h.split()) for h in dropped)
+    words = sum(len(r.split()) for r, _ in pairs)
+    return float(errors / words)

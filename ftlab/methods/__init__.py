@@ -7,6 +7,19 @@ step differentiates only the trainable subtree, so frozen leaves have no gradien
 optimizer state at all.
 
 Trainable tree layout: ``{"params": <trained base leaves, nested>, "lora": {<kernel path>: {"a", "b"}}}``.
+
+DoRA (``method.lora.dora``) and IA3 (``method.name = "ia3"``) are combine steps
+(``ftlab.methods.dora`` / ``ia3``): their kernels (``Method.dora_targets`` /
+``Method.ia3_targets``) are replaced in ``base_params`` by the combined kernel the model sees
+(``m * V / ||V||``; ``W * l``), so every consumer of ``base_params`` (apply, merge, export,
+generation) gets them. Extra trainable leaves: ``"dora": {<kernel path>: {"m"}}`` beside the
+factors in ``"lora"``, and ``"ia3": {<kernel path>: {"out" | "in"}}``.
+
+QLoRA (``method.name = "qlora"``, or any method with ``method.quantize = "int8" | "nf4"``):
+the frozen kernels listed in ``Method.quantized`` are stored in the frozen tree as
+``ftlab.methods.quantize.QuantizedArray`` leaves (packed codes + float32 scales, at the
+kernel's own path) and dequantised inside each layer's call; LoRA factors and any
+``method.trainable`` leaves train on top in float32.
 """
 
 from __future__ import annotations
@@ -22,7 +35,10 @@ import ml_collections as mc
 
 from ftlab import tree
 from ftlab.config import ConfigError
+from ftlab.methods import dora as dora_lib
+from ftlab.methods import ia3 as ia3_lib
 from ftlab.methods import lora as lora_lib
+from ftlab.methods import quantize as quant_lib
 from ftlab.methods import select
 from ftlab.methods.lora import LoraSpec
 
@@ -34,6 +50,12 @@ class Method:
     lora_targets: tuple[str, ...] = ()  # kernel paths that get LoRA factors
     lora: LoraSpec | None = None
     frozen_dtype: str = "float32"  # floating frozen leaves are stored in this dtype
+    quantize: str = "none"  # frozen kernels in ``quantized`` are stored as: none | int8 | nf4
+    quantized: tuple[str, ...] = ()  # frozen kernel paths stored quantised
+    quantize_block: int = quant_lib.BLOCK  # NF4 block size along the fan-in axis
+    dora_targets: tuple[str, ...] = ()  # kernels adapted by DoRA (LoRA factors + magnitude)
+    ia3_targets: tuple[str, ...] = ()  # kernels scaled by IA3 vectors
+    ia3_input: tuple[str, ...] = ()  # of those, the ones scaled on the input side
 
     def _store_frozen(self, value: Any) -> Any:
         if self.frozen_dtype == "float32" or not jnp.issubdtype(value.dtype, jnp.floating):
@@ -49,7 +71,7 @@ class Method:
         flat = tree.flatten(params)
         trained = set(self.trained)
         factors = {}
-        for i, path in enumerate(self.lora_targets):
+        for i, path in enumerate((*self.lora_targets, *self.dora_targets)):
             factors[path] = lora_lib.init_factors(
                 jax.random.fold_in(rng, i), flat[path].shape, self.lora.rank
             )
@@ -59,14 +81,64 @@ class Method:
                 {f"{p}/{k}": v for p, f in factors.items() for k, v in f.items()}
             ),
         }
+        quantized = set(self.quantized)
         frozen = tree.unflatten(
-            {p: self._store_frozen(v) for p, v in flat.items() if p not in trained}
+            {
+                p: (
+                    quant_lib.quantize(v, self.quantize, self.quantize_block)
+                    if p in quantized
+                    else self._store_frozen(v)
+                )
+                for p, v in flat.items()
+                if p not in trained
+            }
         )
+        if self.dora_targets or self.ia3_targets:
+            trainable.update(self._init_scaling(flat, tree.flatten(frozen)))
         return trainable, frozen
 
+    def _init_scaling(self, flat: Mapping, flat_frozen: Mapping) -> dict:
+        """DoRA magnitudes (column norms of the kernels as stored frozen, so step 0 is the
+        base model) and IA3 vectors (ones)."""
+        out = {}
+        if self.dora_targets:
+            out["dora"] = tree.unflatten(
+                {f"{p}/m": dora_lib.init_magnitude(flat_frozen[p]) for p in self.dora_targets}
+            )
+        if self.ia3_targets:
+            sides = {p: "in" if p in self.ia3_input else "out" for p in self.ia3_targets}
+            out["ia3"] = tree.unflatten(
+                {f"{p}/{s}": ia3_lib.init_scale(flat[p].shape, s) for p, s in sides.items()}
+            )
+        return out
+
     def base_params(self, trainable: Mapping, frozen: Mapping) -> dict:
-        """The base tree the model sees (without LoRA factors)."""
-        return tree.unflatten({**tree.flatten(frozen), **tree.flatten(trainable["params"])})
+        """The base tree the model sees (without LoRA factors, which run inside the layers;
+        DoRA and IA3 kernels already combined, in float32)."""
+        flat = {**tree.flatten(frozen), **tree.flatten(trainable["params"])}
+        if self.dora_targets:
+            flat = dora_lib.combine_flat(
+                flat, self.dora_factors(trainable), self.dora_magnitudes(trainable), self.lora.scale
+            )
+        if self.ia3_targets:
+            flat = ia3_lib.combine_flat(flat, self.ia3_scales(trainable))
+        return tree.unflatten(flat)
+
+    def dora_factors(self, trainable: Mapping) -> dict[str, dict]:
+        """``{kernel path: {"a", "b"}}`` for every DoRA target."""
+        flat = tree.flatten(trainable.get("lora", {}))
+        return {p: {"a": flat[f"{p}/a"], "b": flat[f"{p}/b"]} for p in self.dora_targets}
+
+    def dora_magnitudes(self, trainable: Mapping) -> dict[str, jax.Array]:
+        """``{kernel path: m}`` (one per output unit) for every DoRA target."""
+        flat = tree.flatten(trainable.get("dora", {}))
+        return {p: flat[f"{p}/m"] for p in self.dora_targets}
+
+    def ia3_scales(self, trainable: Mapping) -> dict[str, tuple[str, jax.Array]]:
+        """``{kernel path: (side, l)}`` (side ``"out"`` or ``"in"``) for every IA3 target."""
+        flat = tree.flatten(trainable.get("ia3", {}))
+        sides = {p: "in" if p in self.ia3_input else "out" for p in self.ia3_targets}
+        return {p: (s, flat[f"{p}/{s}"]) for p, s in sides.items()}
 
     def lora_factors(self, trainable: Mapping) -> dict[str, dict]:
         """``{kernel path: {"a", "b"}}`` for every LoRA target (for merging, export, decoding)."""
@@ -76,7 +148,7 @@ class Method:
     def merged_params(self, trainable: Mapping, frozen: Mapping) -> dict:
         """Base parameters with LoRA folded in: a plain model tree for export and evaluation
         (frozen leaves stored in a smaller dtype come back as float32, the parameters' dtype)."""
-        flat = tree.flatten(self.base_params(trainable, frozen))
+        flat = quant_lib.dequantize_flat(tree.flatten(self.base_params(trainable, frozen)))
         if self.frozen_dtype != "float32":
             flat = {
                 p: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v
@@ -121,7 +193,7 @@ class Method:
                 **model_kwargs,
             )
 
-        if not self.lora_targets:
+        if not self.lora_targets and not self.quantized:
             return call()
         factors = {p.rsplit("/", 1)[0]: f for p, f in self.lora_factors(trainable).items()}
         lora_rng = jax.random.fold_in(rng, 1) if (train and rng is not None) else None
@@ -145,6 +217,25 @@ class Method:
                 f"lora r={self.lora.rank} alpha={self.lora.alpha:g} scale={self.lora.scale:g} on: "
                 + ", ".join(self.lora_targets)
             )
+        if self.dora_targets:
+            parts.append(
+                f"dora r={self.lora.rank} alpha={self.lora.alpha:g} scale={self.lora.scale:g} on: "
+                + ", ".join(self.dora_targets)
+            )
+        if self.ia3_targets:
+            parts.append(
+                "ia3 on: "
+                + ", ".join(
+                    f"{p} ({'in' if p in self.ia3_input else 'out'})" for p in self.ia3_targets
+                )
+            )
+        if self.quantized:
+            kinds = (
+                "int8 per output channel"
+                if self.quantize == "int8"
+                else f"nf4, blocks of {self.quantize_block}"
+            )
+            parts.append(f"frozen kernels {kinds}: {len(self.quantized)} kernels")
         return " | ".join(parts)
 
 
@@ -166,6 +257,8 @@ def build_method(cfg: mc.ConfigDict, params: Mapping, backend: str | None = None
     paths = sorted(flat)
     trained = select.by_regexes(paths, cfg.trainable, "method.trainable")
     lora_targets: list[str] = []
+    ia3_targets: tuple[str, ...] = ()
+    ia3_input: tuple[str, ...] = ()
     spec = None
     if cfg.name == "full":
         trained = set(paths)
@@ -178,7 +271,7 @@ def build_method(cfg: mc.ConfigDict, params: Mapping, backend: str | None = None
             trained |= blocks
     elif cfg.name == "bitfit":
         trained |= select.biases(paths)
-    elif cfg.name == "lora":
+    elif cfg.name in ("lora", "qlora"):
         spec = LoraSpec(
             cfg.lora.rank,
             float(cfg.lora.alpha),
@@ -200,12 +293,66 @@ def build_method(cfg: mc.ConfigDict, params: Mapping, backend: str | None = None
                 raise ConfigError(
                     f"config.method: {path!r} is both fully trained (method.trainable) and a LoRA target"
                 )
+    elif cfg.name == "ia3":
+        ia3 = cfg.get("ia3") or {}
+        ia3_targets, ia3_input = ia3_lib.select_targets(
+            tuple(ia3.get("targets", ())), tuple(ia3.get("feedforward", ())), flat, trained
+        )
     elif cfg.name != "frozen":
         raise ConfigError(f"config.method.name: unknown method {cfg.name!r}")
+    dora = bool(spec is not None and cfg.lora.get("dora", False))
+    if dora and spec.dropout > 0:
+        raise ConfigError(
+            "config.method.lora.dropout: DoRA (method.lora.dora) is implemented as a combined "
+            "kernel, which has no dropout on the low-rank branch; set it to 0"
+        )
+    qtype = quantize_type(cfg.name, cfg.get("quantize", "auto"))
+    quantized: list[str] = []
+    if qtype != "none":
+        # regexes of kernels left unquantised (lm_head by default, as transformers' 4-bit
+        # loading); one matching nothing is no error (the default on a model without lm_head)
+        skip = {p for rx in cfg.get("quantize_skip", ()) for p in select.matching(paths, rx)}
+        # DoRA / IA3 kernels are combined in base_params from the raw kernel: kept unquantised
+        combined = {*(lora_targets if dora else ()), *ia3_targets}
+        quantized = [
+            p
+            for p in quant_lib.kernel_paths(flat)
+            if p not in trained and p not in skip and p not in combined
+        ]
+        if not quantized:
+            raise ConfigError(
+                f"config.method.quantize: {qtype!r} but no frozen kernel is left to quantise "
+                "(every kernel is trained or matched by method.quantize_skip)"
+            )
+    block = int(cfg.get("quantize_block", quant_lib.BLOCK))
+    if block < 1:
+        raise ConfigError(f"config.method.quantize_block: must be >= 1, got {block}")
     return Method(
         cfg.name,
         tuple(sorted(trained)),
-        tuple(lora_targets),
+        () if dora else tuple(lora_targets),
         spec,
         frozen_dtype(cfg.get("frozen_dtype", "float32"), backend),
+        qtype,
+        tuple(quantized),
+        block,
+        dora_targets=tuple(lora_targets) if dora else (),
+        ia3_targets=ia3_targets,
+        ia3_input=ia3_input,
     )
+
+
+def quantize_type(method_name: str, name: str) -> str:
+    """``method.quantize``: ``auto`` is nf4 for ``qlora`` and none for every other method."""
+    if name == "auto":
+        return "nf4" if method_name == "qlora" else "none"
+    if name not in ("none", *quant_lib.QTYPES):
+        raise ConfigError(
+            f"config.method.quantize: {name!r}; choose auto, none, {', '.join(quant_lib.QTYPES)}"
+        )
+    if method_name == "qlora" and name == "none":
+        raise ConfigError(
+            "config.method.quantize: 'none' with method 'qlora' (whose base is quantised); "
+            "use method.name = 'lora' for an unquantised base"
+        )
+    return name

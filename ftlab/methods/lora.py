@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftlab.config import ConfigError
+from ftlab.methods import quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,18 +77,28 @@ def interceptor(
 ):
     """A Flax method interceptor adding the low-rank branch to each adapted layer's output.
 
+    Layers whose kernel is stored quantised (``ftlab.methods.quantize.QuantizedArray``: QLoRA,
+    ``method.quantize``) run on it dequantised inside the call (``quantize.call``), adapted
+    or not; with no factors at all the interceptor does only that.
     ``factors_by_module`` maps a module path ("block_2") to its kernel's ``{"a", "b"}``;
     dropout on the branch input is applied when ``dropout_rng`` is given (training).
     """
     order = {name: i for i, name in enumerate(sorted(factors_by_module))}
 
     def intercept(next_fun, args, kwargs, context):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
         module = context.module
         name = "/".join(module.path)
-        if context.method_name != "__call__" or name not in factors_by_module:
-            return next_fun(*args, **kwargs)
+        # a kernel stored quantised (QLoRA's frozen base) is dequantised inside the call
+        kernel = quantize.quantized_kernel(module)
+        if kernel is not None:
+            y = quantize.call(module, kernel, args, kwargs)
+        if name not in factors_by_module:
+            return y if kernel is not None else next_fun(*args, **kwargs)
         factors = factors_by_module[name]
-        y = next_fun(*args, **kwargs)
+        if kernel is None:
+            y = next_fun(*args, **kwargs)
         x = args[0]
         if dropout_rng is not None and spec.dropout > 0:
             keep = jax.random.bernoulli(

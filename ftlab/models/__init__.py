@@ -1,4 +1,8 @@
-"""Model registry: config name -> Flax module. Models know nothing of methods."""
+"""Model registry: config name -> Flax module. Models know nothing of methods, data or interop.
+
+Hugging Face families (``model.name = "hf"``) are built from their ``config.json`` by
+``ftlab.interop.build.build_model``, which hands every other name to this registry.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,9 @@ def build_model(
 ):
     """The module named by ``cfg.name``, computing in ``dtype`` (parameters stay float32)."""
     if cfg.name == "hf":  # GPT-2, LLaMA, BERT, ViT, ResNet as Hugging Face configures them
-        from ftlab.models.hf_models import build_hf_model
-
-        return build_hf_model(cfg, task, num_outputs, dtype)
+        raise ValueError(
+            "model.name='hf' is built from its config.json by ftlab.interop.build.build_model"
+        )
     if cfg.name == "cnn":
         return SmallCNN(
             num_outputs,

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ftlab.models.images import to_nhwc
+
 
 class SmallCNN(nn.Module):
     """Conv blocks (3x3, ReLU), a 2x2 average pool after the last, dense blocks, a head."""
@@ -26,6 +28,7 @@ class SmallCNN(nn.Module):
     def __call__(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
         if x.ndim == 3:  # (batch, height, width) grey images
             x = x[..., None]
+        x = to_nhwc(x, model="SmallCNN")  # an NCHW batch of 1, 3 or 4 channels is transposed
         x = x.astype(self.dtype)
         for i, width in enumerate(self.features):
             x = nn.Conv(width, (3, 3), dtype=self.dtype, name=f"block_{i}")(x)

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ftlab.models.images import to_nhwc
 from ftlab.models.layers import activation, hf_fields
 
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # kaiming, as HF
@@ -157,6 +158,7 @@ class ResNet(nn.Module):
     norm_eps: float = 1e-5
     dropout: float = 0.0  # before the classifier (HF has none)
     num_labels: int = 0  # 0: no classifier head
+    num_channels: int | None = None  # tells NCHW input (HF's layout) to transpose
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -172,6 +174,7 @@ class ResNet(nn.Module):
                 "hidden_act",
                 "downsample_in_first_stage",
                 "downsample_in_bottleneck",
+                "num_channels",
             ),
         )
         for name in ("depths", "hidden_sizes"):
@@ -187,7 +190,7 @@ class ResNet(nn.Module):
             raise ValueError(f"depths {self.depths} and hidden_sizes {self.hidden_sizes} differ")
         act = activation(self.hidden_act)
         lay = _Layers(self, train)
-        x = jnp.asarray(images).astype(self.dtype)
+        x = to_nhwc(images, self.num_channels, model="ResNet").astype(self.dtype)
         x = act(lay.norm("stem_norm")(lay.conv(self.embedding_size, 7, 2, "stem_conv")(x)))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         block = {

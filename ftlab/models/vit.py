@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ftlab.models.images import to_nhwc
 from ftlab.models.layers import (
     SelfAttention,
     activation,
@@ -160,6 +161,7 @@ class ViT(nn.Module):
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     num_labels: int = 0  # 0: no classifier head
+    num_channels: int | None = None  # tells NCHW input (HF's layout) to transpose
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool | str = False  # recompute each layer in the backward pass: True/"full", "dots"
@@ -187,6 +189,7 @@ class ViT(nn.Module):
                 "qkv_bias",
                 "hidden_dropout",
                 "attention_dropout",
+                "num_channels",
             ),
         )
         kwargs.update(overrides)
@@ -202,7 +205,7 @@ class ViT(nn.Module):
             self.hidden_dropout,
             name="embeddings",
             **kw,
-        )(jnp.asarray(images), train=train)
+        )(to_nhwc(images, self.num_channels, model="ViT"), train=train)
         layer = layer_stack(
             ViTLayer,
             self.num_layers,

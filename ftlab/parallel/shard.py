@@ -6,6 +6,8 @@ the one table in ``rules``:
 - trained and frozen base parameters take their own logical axes;
 - LoRA ``a`` (``*kernel[:-1], r``) takes the kernel's input axes and ``b`` (``r, out``) its
   output axis, so the low-rank branch is split exactly like the layer it adapts;
+- DoRA magnitudes and IA3 vectors take their kernel's output axis (IA3 on the input side:
+  its input axis);
 - optimizer state leaves that mirror a trainable leaf (same path suffix, same shape: adam's
   ``mu``/``nu``, momentum, adafactor's unfactored ``v``) follow it; the rest (step counts,
   adafactor's factored row/column statistics) are replicated;
@@ -62,6 +64,14 @@ def lora_axes(kernel: Axes, factor: str) -> Axes:
     if kernel is None:
         return None
     return (*kernel[:-1], "lora_rank") if factor == "a" else ("lora_rank", kernel[-1])
+
+
+def scale_axes(kernel: Axes, side: str) -> Axes:
+    """A DoRA magnitude (``m``) or IA3 ``out`` vector takes the kernel's output axis, an IA3
+    ``in`` vector its input-channel axis (``ftlab.methods.dora`` / ``ia3``)."""
+    if kernel is None:
+        return None
+    return (kernel[-2],) if side == "in" else (kernel[-1],)
 
 
 def mesh_spec(axes: Axes, shape: tuple[int, ...], mesh: AnyMesh, rules=rules_lib.RULES) -> P:
@@ -131,12 +141,21 @@ def state_shardings(
         if top == "lora":
             kernel, factor = rest.rsplit("/", 1)
             return named(lora_axes(axes.get(f"params/{kernel}"), factor), leaf)
+        if top in ("dora", "ia3"):  # a vector per output unit ("in": per input channel)
+            kernel, side = rest.rsplit("/", 1)
+            return named(scale_axes(axes.get(f"params/{kernel}"), side), leaf)
         raise ValueError(f"unexpected trainable leaf {top}/{rest}")
 
+    def frozen_leaf(path, leaf) -> NamedSharding:
+        leaf_axes = axes.get(f"params/{_path_str(path)}")
+        if leaf_axes is None and isinstance(path[-1], jax.tree_util.GetAttrKey):
+            # a quantised kernel's packed codes / scales (ftlab.methods.quantize): its axes
+            kernel = axes.get(f"params/{_path_str(path[:-1])}")
+            leaf_axes = kernel if kernel is not None and len(kernel) == len(leaf.shape) else None
+        return named(leaf_axes, leaf)
+
     trainable = jax.tree_util.tree_map_with_path(trainable_leaf, abstract.trainable)
-    frozen = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: named(axes.get(f"params/{_path_str(path)}"), leaf), abstract.frozen
-    )
+    frozen = jax.tree_util.tree_map_with_path(frozen_leaf, abstract.frozen)
     model_state = jax.tree_util.tree_map_with_path(
         lambda path, leaf: named(axes.get(_path_str(path)), leaf), abstract.model_state
     )

@@ -35,9 +35,9 @@ from ftlab.data.batches import eval_batches, nest
 from ftlab.data.loading import write_rejects
 from ftlab.eval import metrics as metrics_lib
 from ftlab.eval import text_metrics
+from ftlab.interop.build import build_model
 from ftlab.methods import Method, build_method
 from ftlab.methods.select import by_regexes
-from ftlab.models import build_model
 from ftlab.parallel import mesh as mesh_lib
 from ftlab.parallel import shard
 from ftlab.schema import base_config, validate
@@ -48,6 +48,8 @@ from ftlab.train.step import make_eval_step, make_train_step, training_loss
 from ftlab.train.writer import MetricWriter
 
 log = logging.getLogger("ftlab")
+
+TOKEN_TASKS = ("causal_lm", "seq2seq")  # token metrics (perplexity), decoded by generation
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,7 +82,7 @@ def init_variables(cfg: mc.ConfigDict, model, sample: np.ndarray) -> tuple[dict,
     """
     # unbox: models annotate weights with logical axis names (for sharding); steps use plain arrays
     if cfg.model.pretrained:  # a Hugging Face checkpoint; a new head keeps its fresh init
-        from ftlab.models.hf_models import load_hf_variables
+        from ftlab.interop.build import load_hf_variables
 
         variables, notes = load_hf_variables(cfg.model, model, sample, jax.random.key(cfg.seed))
         variables = jax.tree.map(jnp.asarray, variables)
@@ -174,7 +176,7 @@ def evaluate(
     got = {key: np.concatenate(value) for key, value in parts.items()}
     loss, weights = got["loss"], got["weights"]
     result = {"loss": float(np.sum(loss * weights) / np.sum(weights))}
-    if data.task == "causal_lm":  # per-example mean token losses, weighted by token counts
+    if data.task in TOKEN_TASKS:  # per-example mean token losses, weighted by token counts
         result["perplexity"] = text_metrics.perplexity(got["nll"], got["tokens"])
         result["token_accuracy"] = float(got["correct"].sum() / max(got["tokens"].sum(), 1.0))
         return result
@@ -441,8 +443,8 @@ def prepare(
     task_metrics = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
     if data.task == "regression":
         task_metrics = ("mse", "mae")
-    if data.task == "causal_lm":
-        task_metrics = ("perplexity",)
+    if data.task in TOKEN_TASKS:
+        task_metrics = ("perplexity", "token_accuracy")
     computed = [f"val/{name}" for name in ("loss", *task_metrics)]
     if cfg.early_stopping.metric not in computed:
         raise ConfigError(
@@ -554,19 +556,34 @@ def build(cfg: mc.ConfigDict, data: Dataset | None = None) -> Run:
     mesh = mesh_lib.make_mesh(cfg.mesh.shape.to_dict())
     init = shard.init_state_fn(method, tx, cfg.seed)
     boxed = jax.eval_shape(model.init, jax.random.key(cfg.seed), sample)
-    state_sh = shard.state_shardings(shard.abstract_state(init, boxed), boxed, mesh)
+    loss_fn = losses.per_example_loss(cfg.train.loss, cfg.train.label_smoothing)
+    teacher = None  # distillation: a frozen teacher, checked and loaded before compiling
+    if cfg.distill.teacher:
+        from ftlab.train import distill
+
+        dtype, frozen = compute_dtype(cfg.train.compute_dtype), method.frozen_dtype
+        teacher = distill.load(cfg, data, model, sample, mesh, loss_fn, dtype, tx, frozen)
+        init, state_sh = teacher.wrap_init(init, boxed, mesh)  # + the hidden projection
+    else:
+        state_sh = shard.state_shardings(shard.abstract_state(init, boxed), boxed, mesh)
     batch_sh = shard.batch_sharding(mesh)
     state = jax.jit(init, out_shardings=state_sh)(params, model_state)
     del params, model_state  # donated into the state: never read them again
-    loss_fn = losses.per_example_loss(cfg.train.loss, cfg.train.label_smoothing)
     train_loss, model_kwargs = training_loss(cfg.train, method, loss_fn)  # chunked CE or not
-    train_step = shard.jit_train_step(
-        make_train_step(
-            model, method, tx, lr_schedule, train_loss, cfg.optim.accum_steps, model_kwargs
-        ),
-        state_sh,
-        batch_sh,
+    step_fn = make_train_step(
+        model,
+        method,
+        tx,
+        lr_schedule,
+        train_loss,
+        cfg.optim.accum_steps,
+        model_kwargs,
+        distill=teacher,
     )
+    if teacher is None:
+        train_step = shard.jit_train_step(step_fn, state_sh, batch_sh)
+    else:  # the teacher's variables: a frozen, sharded input of the step, bound here
+        train_step = teacher.jit_train_step(step_fn, state_sh, batch_sh)
     eval_step = shard.jit_eval_step(
         make_eval_step(model, method, loss_fn, data.task), state_sh, batch_sh
     )
@@ -706,6 +723,8 @@ def _train(
             "train/lr": float(fetched[-1]["lr"]),
             "train/examples_per_sec": rate,
         }
+        for key in sorted(fetched[-1].keys() - {"loss", "grad_norm", "lr"}):  # distill: ce, kl
+            record[f"train/{key}"] = float(np.mean([m[key] for m in fetched]))
         if tokens:
             record["train/tokens_per_sec"] = rate * tokens
         in_use = run_files.device_memory("bytes_in_use")
@@ -793,7 +812,7 @@ def _train(
     val = run.evaluate(state, data.val, keep_outputs=not len(data.test))
     test = run.evaluate(state, data.test, keep_outputs=True) if len(data.test) else {}
     outputs = (test or val).pop("outputs", None)
-    if data.task == "causal_lm" and cfg.eval.generate_examples > 0:
+    if data.task in TOKEN_TASKS and cfg.eval.generate_examples > 0:
         from ftlab.eval.generation_eval import evaluate_generation
 
         held_out = test if len(data.test) else val  # model selection never sees these scores
@@ -882,15 +901,15 @@ def export(
     is a non-empty directory is refused (``HFExportError`` / ``PeftAdapterError``)."""
     if hf_dir is None and peft_dir is None:
         return
-    from ftlab.models import hf_import
-    from ftlab.models.hf_models import export_config
+    from ftlab.interop import hub
+    from ftlab.interop.build import export_config
 
     config = export_config(cfg.model, data.task, data.class_names)
     source = cfg.data.tokenizer or cfg.model.pretrained
-    source = str(hf_import.resolve(source)) if source else None
+    source = str(hub.resolve(source)) if source else None
     writes = jax.process_index() == 0  # every process gathers; one writes
     if hf_dir is not None:
-        from ftlab.models.hf_export import export_hf
+        from ftlab.interop.pretrained import export_hf
 
         merged = _fetch(jax.jit(method.merged_params)(state.trainable, state.frozen))
         model_state = _fetch(state.model_state) or None
@@ -898,7 +917,7 @@ def export(
             export_hf(hf_dir, merged, config, model_state=model_state, source=source)
             log.info("exported a Hugging Face model to %s", hf_dir)
     if peft_dir is not None:
-        from ftlab.methods.peft import export_method_adapter
+        from ftlab.interop.peft import export_method_adapter
 
         trainable, frozen = _fetch(state.trainable), _fetch(state.frozen)
         if writes:

@@ -50,6 +50,17 @@ def causal_lm_loss(logits: jax.Array, batch: dict, label_smoothing: float = 0.0)
     return jnp.sum(per_token * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
 
 
+def seq2seq_lm_loss(logits: jax.Array, batch: dict, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example mean token cross-entropy of an encoder-decoder (T5) on its decoder targets.
+
+    ``logits``: (batch, target length, vocab) for ``decoder_input_ids`` = the labels shifted
+    right (``ftlab.models.t5.shift_right``: start token first), so position ``i`` predicts
+    ``batch["labels"][:, i]`` with no further shift; negative labels (padding) are not trained.
+    The same reduction as ``causal_lm_loss``, whose labels are shifted the same way.
+    """
+    return causal_lm_loss(logits, batch, label_smoothing)
+
+
 def chunked_causal_lm_loss(
     hidden: jax.Array,
     kernel: jax.Array,
@@ -110,6 +121,8 @@ def per_example_loss(
         return lambda logits, batch: cross_entropy(logits, batch["labels"], label_smoothing)
     if name == "causal_lm":
         return lambda logits, batch: causal_lm_loss(logits, batch, label_smoothing)
+    if name == "seq2seq":
+        return lambda logits, batch: seq2seq_lm_loss(logits, batch, label_smoothing)
     if name == "mse":
         return lambda outputs, batch: squared_error(outputs, batch["labels"])
     raise ValueError(f"unknown loss {name!r}")

@@ -84,9 +84,14 @@ def device_memory(key: str = "peak_bytes_in_use") -> int | None:
 
 def tokens_per_example(data: Dataset) -> int | None:
     """Sequence positions per training example (padding included) for token inputs."""
-    if data.task != "causal_lm":
+    if data.task not in ("causal_lm", "seq2seq"):
         return None
     inputs = data.train.inputs
+    if data.task == "seq2seq":  # encoder + decoder positions (speech: no source tokens)
+        keys = ("input_ids", "decoder_input_ids")
+        if not isinstance(inputs, dict) or "input_ids" not in inputs:
+            return None
+        return int(sum(np.shape(inputs[k])[-1] for k in keys if k in inputs))
     ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs
     return int(np.shape(ids)[-1])
 
@@ -149,7 +154,7 @@ def chance_loss(data: Dataset) -> float | None:
     the mean of standardised targets (None for regression in raw units)."""
     from ftlab.eval import diagnosis
 
-    if data.task == "causal_lm":
+    if data.task in ("causal_lm", "seq2seq"):
         return math.log(len(data.tokenizer)) if data.tokenizer is not None else None
     if data.task == "regression" and data.target_std is None:
         return None

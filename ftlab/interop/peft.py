@@ -19,8 +19,10 @@ ftlab export reads back to exactly the factors it came from; an adapter without 
 PyTorch) gives every kernel of a fused module the module's full-rank ``A`` and its block of
 ``B``, which is the same function.
 
-Which ftlab kernel is which HF module, and in which layout, is read from ``hf_export``'s rules
-by *probing* them with marker arrays, so there is no second name table here. Fully trained
+Which ftlab kernel is which HF module, and in which layout, is read from the family's name
+table (``ftlab.interop.<family>``) by *probing* its export direction with marker arrays, so there
+is no second name table here and every family with linear layers (GPT-2, LLaMA, BERT, ViT) gets
+adapters. Fully trained
 leaves (a new classification head ``score``) are saved whole under PEFT's
 ``modules_to_save`` names (``base_model.model.score.weight``); without them a PEFT user would
 silently get the untrained head.
@@ -40,10 +42,12 @@ from typing import Any
 import numpy as np
 
 from ftlab import tree
+from ftlab.interop import files
+from ftlab.interop.errors import HFExportError, HFImportError, PeftAdapterError
+from ftlab.interop.family import Family, get_family
+from ftlab.interop.pretrained import config_dict, export_head
 from ftlab.methods import Method
 from ftlab.methods.lora import LoraSpec
-from ftlab.models.hf_export import Exporter, config_dict, get_exporter
-from ftlab.models.hf_import import Family, get_family
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -66,11 +70,6 @@ _UNSUPPORTED_FLAGS = (
     "target_parameters",
     "trainable_token_indices",
 )
-_TASK_OF_HEAD = {"lm": "CAUSAL_LM", "classifier": "SEQ_CLS", "none": "FEATURE_EXTRACTION"}
-
-
-class PeftAdapterError(ValueError):
-    """An adapter that cannot be written or read; the message names the key, tensor or path."""
 
 
 # -- where each ftlab kernel sits in the HF modules ------------------------------------------
@@ -104,22 +103,60 @@ class Layout:
         return {m: sorted(s, key=lambda x: x.start) for m, s in out.items()}
 
 
-def _resolve(hf_config: Any, family: Family | str | None) -> tuple[dict, Family, Exporter]:
+def _resolve(hf_config: Any, family: Family | str | None) -> tuple[dict, Family]:
     config = config_dict(hf_config)
-    if family is None:
-        if not config.get("model_type"):
-            raise PeftAdapterError("hf_config has no model_type; pass family=")
-        family = get_family(config["model_type"])
-    elif isinstance(family, str):
-        family = get_family(family)
-    return config, family, get_exporter(family.model_type)
+    try:
+        if family is None:
+            if not config.get("model_type"):
+                raise PeftAdapterError("hf_config has no model_type; pass family=")
+            family = get_family(config["model_type"])
+        elif isinstance(family, str):
+            family = get_family(family)
+    except HFImportError as e:
+        raise PeftAdapterError(str(e)) from None
+    return config, family
 
 
-def _prefix(config: Mapping, family: Family, exporter: Exporter, paths: set[str]) -> str:
-    """As ``hf_export``: a bare base model (GPT2Model, LlamaModel) has no base prefix."""
-    archs = [family.head_of(a) for a in config.get("architectures") or ()]
-    headless = "none" in archs and not ({"lm_head/kernel", "score/kernel"} & paths)
-    return "" if headless else exporter.prefix
+def export_head_or_none(family: Family, config: Mapping, shapes: Mapping) -> str:
+    try:
+        return export_head(family, config, shapes)
+    except HFExportError as e:
+        raise PeftAdapterError(str(e)) from None
+
+
+def _to_hf(family: Family, config: Mapping, flat: Mapping, prefix: str) -> dict[str, np.ndarray]:
+    try:
+        return family.table(config).to_hf(flat, prefix=prefix)
+    except KeyError as e:
+        raise PeftAdapterError(
+            f"parameter {e.args[0]!r} has no Hugging Face name for a {family.model_type} model"
+        ) from None
+
+
+def _peft_names(family: Family, tensors: Mapping, prefix: str) -> dict[str, np.ndarray]:
+    """Checkpoint tensor names -> the names of the model in memory, which PEFT uses."""
+    out = {}
+    for name, array in tensors.items():
+        module, leaf = name.rsplit(".", 1)
+        out[f"{family.memory_module(module, prefix)}.{leaf}"] = array
+    return out
+
+
+def _task_type(family: Family, config: Mapping, shapes: Mapping) -> str | None:
+    return family.peft_task.get(export_head_or_none(family, config, shapes))
+
+
+def _import_tensor(
+    family: Family, config: Mapping, name: str, array: np.ndarray
+) -> dict[str, np.ndarray] | None:
+    """The ftlab leaves of one HF tensor (prefix allowed, in-memory module names too), by the
+    family's table."""
+    module, leaf = name.rsplit(".", 1) if "." in name else (name, "")
+    name = f"{family.checkpoint_module(module, family.prefix)}.{leaf}" if leaf else name
+    try:
+        return family.table(config).to_ftlab(family.short_name(name), array)
+    except ValueError:
+        return None
 
 
 def _locate(marker: np.ndarray, where: Mapping[float, tuple[str, tuple[int, ...]]]):
@@ -142,8 +179,9 @@ def _locate(marker: np.ndarray, where: Mapping[float, tuple[str, tuple[int, ...]
 
 def hf_layout(params: Mapping, hf_config: Any, *, family: Family | str | None = None) -> Layout:
     """Map every 2-D ``kernel`` of ``params`` (arrays or ShapeDtypeStructs) to its HF module,
-    by running ``hf_export``'s rules on small marker arrays and finding the markers again."""
-    config, family, exporter = _resolve(hf_config, family)
+    by running the family table's export direction on small marker arrays and finding the
+    markers again (in the names of the model in memory, as PEFT saves them)."""
+    config, family = _resolve(hf_config, family)
     shapes = {p: tuple(np.shape(v)) for p, v in tree.flatten(params).items()}
     if not shapes:
         raise PeftAdapterError("params is empty")
@@ -153,8 +191,9 @@ def hf_layout(params: Mapping, hf_config: Any, *, family: Family | str | None = 
         size = int(np.prod(small, dtype=np.int64))
         probe[path] = (counter + np.arange(size, dtype=np.float64)).reshape(small)
         counter += size
-    prefix = _prefix(config, family, exporter, set(shapes))
-    tensors = exporter.tensors(probe, prefix=prefix)
+    head = export_head_or_none(family, config, shapes)
+    prefix = "" if head == "none" else family.prefix
+    tensors = _peft_names(family, _to_hf(family, config, probe, prefix), prefix)
     where = {}
     for name, array in tensors.items():
         for index in np.ndindex(array.shape):
@@ -291,15 +330,15 @@ def _peft_alpha(spec: LoraSpec, rank: int) -> float | int:
 
 
 def _saved_tensors(
-    leaves: Mapping[str, Any], family: Family, exporter: Exporter, layout: Layout
+    leaves: Mapping[str, Any], family: Family, config: Mapping, layout: Layout
 ) -> dict[str, np.ndarray]:
     """HF tensors of fully trained leaves, named as PEFT saves ``modules_to_save``."""
     flat = {p: _f32(v) for p, v in leaves.items()}
-    tensors = exporter.tensors(flat, prefix=layout.prefix)
-    for name, array in tensors.items():  # the import rules must give back the same leaves
-        back, known = family.convert(name, array)
+    tensors = _peft_names(family, _to_hf(family, config, flat, layout.prefix), layout.prefix)
+    for name, array in tensors.items():  # the import direction must give back the same leaves
+        back = _import_tensor(family, config, name, array) or {}
         for path, value in back.items():
-            if not known or path not in flat or not np.array_equal(value, flat[path]):
+            if path not in flat or not np.array_equal(value, flat[path]):
                 raise PeftAdapterError(
                     f"saved module tensor {name!r} does not import back to the given leaves"
                 )
@@ -327,7 +366,7 @@ def peft_adapter(
     family: Family | str | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, str]]:
     """(adapter config, tensors, safetensors metadata) that ``export_peft_adapter`` writes."""
-    config, family, exporter = _resolve(hf_config, family)
+    config, family = _resolve(hf_config, family)
     if not factors:
         raise PeftAdapterError("no LoRA factors to export")
     layout = hf_layout(params, config, family=family)
@@ -344,7 +383,7 @@ def peft_adapter(
             )
         if path in factors:
             raise PeftAdapterError(f"{path!r} is both a LoRA target and saved whole")
-    saved = _saved_tensors(saved_leaves, family, exporter, layout) if saved_leaves else {}
+    saved = _saved_tensors(saved_leaves, family, config, layout) if saved_leaves else {}
     saved_modules = {n[len(PEFT_PREFIX) :].rsplit(".", 1)[0] for n in saved}
     clash = sorted(target_modules & saved_modules)
     if clash:
@@ -354,11 +393,7 @@ def peft_adapter(
         )
 
     if task_type is None:
-        if "score/kernel" in shapes:
-            task_type = "SEQ_CLS"
-        else:
-            archs = [family.head_of(a) for a in config.get("architectures") or ()]
-            task_type = _TASK_OF_HEAD["none" if "none" in archs and not layout.prefix else "lm"]
+        task_type = _task_type(family, config, shapes)
     to_save = _short_names(saved_modules, layout.modules, components=False)
     if task_type == "SEQ_CLS":  # PEFT itself adds these two for sequence classification
         to_save = ["classifier", "score"] + [m for m in to_save if m not in ("classifier", "score")]
@@ -437,13 +472,12 @@ def export_peft_adapter(
         task_type=task_type,
         family=family,
     )
-    from safetensors.numpy import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ADAPTER_CONFIG, "w") as f:
         json.dump(adapter_config, f, indent=2, sort_keys=True)
         f.write("\n")
-    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata=metadata)
+    metadata = {k: v for k, v in metadata.items() if k != "format"}
+    files.write_safetensors(out / ADAPTER_WEIGHTS, tensors, **metadata)
     return out
 
 
@@ -458,7 +492,14 @@ def export_method_adapter(
     **kwargs: Any,
 ) -> Path:
     """``export_peft_adapter`` for a LoRA ``Method``: its factors, spec and, with
-    ``save_trained``, its fully trained leaves (e.g. a new head) as ``modules_to_save``."""
+    ``save_trained``, its fully trained leaves (e.g. a new head) as ``modules_to_save``.
+    A DoRA or IA3 method is written by ``ftlab.interop.peft_scaling``."""
+    if getattr(method, "dora_targets", ()) or getattr(method, "ia3_targets", ()):
+        from ftlab.interop.peft_scaling import export_scaled_adapter
+
+        return export_scaled_adapter(
+            directory, method, trainable, frozen, hf_config, save_trained=save_trained, **kwargs
+        )
     if not method.lora_targets:
         raise PeftAdapterError(f"method {method.name!r} has no LoRA targets to export as PEFT")
     saved = tree.flatten(trainable.get("params", {})) if save_trained else {}
@@ -515,8 +556,15 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
         config = json.load(f)
     where = f"{path}"
     if config.get("peft_type") != "LORA":
+        hint = " (IA3: ftlab.interop.peft_scaling.load_ia3_adapter)"
         raise PeftAdapterError(
             f"{where}: peft_type {config.get('peft_type')!r} is not supported (only 'LORA')"
+            + (hint if config.get("peft_type") == "IA3" else "")
+        )
+    if config.get("use_dora"):
+        raise PeftAdapterError(
+            f"{where}: use_dora=True; read DoRA adapters with "
+            "ftlab.interop.peft_scaling.load_dora_adapter"
         )
     for key in _UNSUPPORTED_FLAGS:
         if config.get(key):
@@ -590,6 +638,22 @@ def _placed(
     return factors
 
 
+def _in_memory_names(
+    tensors: Mapping[str, np.ndarray], family: Family, layout: Layout, known: set[str]
+) -> dict[str, np.ndarray]:
+    """Adapters made with older transformers name modules as the checkpoint does (ViT's
+    ``encoder.layer.0.attention.attention.query``); rename those to the in-memory names."""
+    out = {}
+    for name, array in tensors.items():
+        m = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_[AB]\.weight)", name)
+        if m and m.group(1) not in known:
+            module = family.memory_module(m.group(1), layout.prefix)
+            if module in known:
+                name = f"{PEFT_PREFIX}{module}.{m.group(2)}"
+        out[name] = array
+    return out
+
+
 def load_peft_adapter(
     directory: str | os.PathLike,
     params: Mapping,
@@ -607,12 +671,13 @@ def load_peft_adapter(
     directory = Path(directory).expanduser()
     config = read_adapter_config(directory)
     tensors, metadata = _read_weights(directory)
-    hf, family, _ = _resolve(hf_config, family)
+    hf, family = _resolve(hf_config, family)
     layout = hf_layout(params, hf, family=family)
     module_slots = layout.by_module()
     shapes = {p: tuple(np.shape(v)) for p, v in tree.flatten(params).items()}
     rank = int(config["r"])
 
+    tensors = _in_memory_names(tensors, family, layout, set(module_slots))
     pairs: dict[str, dict[str, np.ndarray]] = {}
     saved: dict[str, np.ndarray] = {}
     for name, array in sorted(tensors.items()):
@@ -637,8 +702,8 @@ def load_peft_adapter(
                 f"adapter tensor {name!r} is a LoRA variant (embedding LoRA, DoRA magnitude, "
                 "LoRA bias, ...) that ftlab does not support"
             )
-        leaves, known = family.convert(short, np.asarray(array, np.float32))
-        if not known or not leaves:
+        leaves = _import_tensor(family, hf, short, np.asarray(array, np.float32))
+        if not leaves:
             raise PeftAdapterError(
                 f"adapter tensor {name!r} (a modules_to_save weight) has no ftlab leaf in a "
                 f"{family.model_type} model"

@@ -228,11 +228,13 @@ def hf_layout(params: Mapping, hf_config: Any, *, family: Family | str | None = 
     return Layout(slots, frozenset(modules), prefix)
 
 
-def _short_names(chosen: set[str], universe: frozenset[str], *, components: bool) -> list[str]:
+def short_names(
+    chosen: set[str], universe: set[str] | frozenset[str], *, components: bool
+) -> list[str]:
     """The shortest name suffix per chosen module that PEFT matches to chosen modules only.
 
     ``components``: PEFT's ``target_modules`` rule (equal, or ends with ``"." + name``);
-    otherwise its ``modules_to_save`` rule (plain string ``endswith``).
+    otherwise its ``modules_to_save`` (and IA3 ``feedforward_modules``) rule: plain ``endswith``.
     """
 
     def matches(suffix: str) -> set[str]:
@@ -394,7 +396,7 @@ def peft_adapter(
 
     if task_type is None:
         task_type = _task_type(family, config, shapes)
-    to_save = _short_names(saved_modules, layout.modules, components=False)
+    to_save = short_names(saved_modules, layout.modules, components=False)
     if task_type == "SEQ_CLS":  # PEFT itself adds these two for sequence classification
         to_save = ["classifier", "score"] + [m for m in to_save if m not in ("classifier", "score")]
     for name in to_save:  # PEFT skips LoRA on modules inside a modules_to_save match
@@ -413,7 +415,7 @@ def peft_adapter(
         "lora_alpha": _peft_alpha(spec, rank),
         "use_rslora": bool(spec.rslora),
         "lora_dropout": float(spec.dropout),
-        "target_modules": _short_names(target_modules, layout.modules, components=True),
+        "target_modules": short_names(target_modules, layout.modules, components=True),
         "modules_to_save": to_save or None,
         "fan_in_fan_out": any(layout.slots[p].conv1d for p in factors),
         "bias": "none",

@@ -180,33 +180,10 @@ def _write(directory: Path, config: Mapping, tensors: Mapping, metadata: Mapping
     return directory
 
 
-def _short_names(
-    chosen: set[str], universe: set[str] | frozenset[str], *, components: bool
-) -> list[str]:
-    """The shortest name suffix per chosen module that PEFT matches to chosen modules only
-    (``components``: the ``target_modules`` list rule, equal or ending in ``"." + name``;
-    otherwise plain ``endswith``, IA3's ``feedforward_modules`` rule)."""
-
-    def matches(suffix: str) -> set[str]:
-        if components:
-            return {u for u in universe if u == suffix or u.endswith("." + suffix)}
-        return {u for u in universe if u.endswith(suffix)}
-
-    out = set()
-    for module in chosen:
-        parts = module.split(".")
-        for k in range(1, len(parts) + 1):
-            suffix = ".".join(parts[-k:])
-            if not parts[-k].isdigit() and matches(suffix) <= chosen:  # "h.1.x", not "1.x"
-                break
-        out.add(suffix)
-    return sorted(out)
-
-
 def _feedforward_names(feedforward: set[str], targets: set[str], layout: peft_lib.Layout) -> list:
     """``feedforward_modules`` entries: suffixes as for ``target_modules`` ("mlp.c_proj"),
     checked under PEFT's ``endswith`` rule over the targets (else the full names)."""
-    names = _short_names(feedforward, layout.modules, components=True)
+    names = peft_lib.short_names(feedforward, layout.modules, components=True)
     if {t for t in targets if any(t.endswith(n) for n in names)} != feedforward:
         names = sorted(feedforward)
     return names
@@ -495,7 +472,7 @@ def ia3_adapter(
         "peft_type": "IA3",
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
-        "target_modules": _short_names(set(modules), layout.modules, components=True),
+        "target_modules": peft_lib.short_names(set(modules), layout.modules, components=True),
         "feedforward_modules": _feedforward_names(set(feedforward), set(modules), layout),
         "fan_in_fan_out": any(layout.slots[p].conv1d for p in scales),
         "init_ia3_weights": True,

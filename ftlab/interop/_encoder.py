@@ -1,13 +1,14 @@
-"""What the encoder families (BERT, ViT, ResNet) share: building from config.json with the
+"""What the encoder families (BERT, ViT, ResNet, EfficientNet) share: building from config.json with the
 head as ``num_labels``, labels for a config written from an ftlab model, and the names their
-task models use."""
+task models use, and the PyTorch BatchNorm buffers written on export."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
+import numpy as np
 
 HEADS = {"classifier": "classifier/"}
 IGNORE = (r".*\.num_batches_tracked", r".*\.position_ids")  # PyTorch buffers
@@ -45,3 +46,12 @@ def common_config(model_type: str, model: nn.Module, task: str, bare: str) -> di
         else {}
     )
     return {"model_type": model_type, "architectures": [task if n else bare], **labels}
+
+
+def batch_norm_buffers(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``num_batches_tracked`` beside each BatchNorm's running mean, as PyTorch saves it."""
+    return {
+        name.removesuffix("running_mean") + "num_batches_tracked": np.zeros((), np.int64)
+        for name in tensors
+        if name.endswith(".running_mean")
+    }

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
 from ftlab.interop import _encoder
 from ftlab.interop.family import Family, register_family
@@ -50,15 +49,6 @@ TABLE = Table(
 def table(config: Mapping[str, Any]) -> Table:
     """The rows (the same for every configuration)."""
     return TABLE
-
-
-def buffers(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``num_batches_tracked`` beside each BatchNorm's running mean, as PyTorch saves it."""
-    return {
-        name.removesuffix("running_mean") + "num_batches_tracked": np.zeros((), np.int64)
-        for name in tensors
-        if name.endswith(".running_mean")
-    }
 
 
 def config_of(model: EfficientNet) -> dict[str, Any]:
@@ -97,7 +87,7 @@ FAMILY = register_family(
         ignore=_encoder.IGNORE,
         droppable=(r"classifier/.*",),
         fresh=(r"classifier/.*",),
-        buffers=buffers,
+        buffers=_encoder.batch_norm_buffers,
         config_of=config_of,
         model_class=EfficientNet,
     )

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
 from ftlab.interop import _encoder
 from ftlab.interop.errors import HFExportError
@@ -45,15 +44,6 @@ def table(config: Mapping[str, Any]) -> Table:
                 out += _conv_norm(f"{hf}.layer.{k}", f"{ours}/conv_{k}", f"{ours}/norm_{k}")
             block += 1
     return Table(rows(out, linear("classifier.1", "classifier", head=True)))
-
-
-def buffers(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``num_batches_tracked`` beside each BatchNorm's running mean, as PyTorch saves it."""
-    return {
-        name.removesuffix("running_mean") + "num_batches_tracked": np.zeros((), np.int64)
-        for name in tensors
-        if name.endswith(".running_mean")
-    }
 
 
 def config_of(model: ResNet) -> dict[str, Any]:
@@ -96,7 +86,7 @@ FAMILY = register_family(
         ignore=_encoder.IGNORE,
         droppable=(r"classifier/.*",),
         fresh=(r"classifier/.*",),
-        buffers=buffers,
+        buffers=_encoder.batch_norm_buffers,
         config_of=config_of,
         model_class=ResNet,
     )

@@ -82,17 +82,17 @@ def _run_config(
         run = override_copy(cfg, {**overrides, **_EXPERIMENT_KEYS})
     except ConfigError as e:
         raise ConfigError(f"run {name!r}: {e}") from None
-    ref = run.init.checkpoint
-    if ref.startswith("stage:"):
+    for key in ("init.checkpoint", "distill.teacher"):  # parameters a stage saved
+        section, field = key.split(".")
+        ref = run[section][field]
+        if not ref.startswith("stage:"):
+            continue
         stage = ref.split(":", 1)[1]
         if stage not in stage_names:
             raise ConfigError(
-                f"run {name!r}: config.init.checkpoint {ref!r} names no stage; stages: {stage_names}"
+                f"run {name!r}: config.{key} {ref!r} names no stage; stages: {stage_names}"
             )
-        run.init.checkpoint = str(workdir / stage / "params")
-    stage = run.distill.teacher.removeprefix("stage:")  # distillation's teacher, the same way
-    if stage != run.distill.teacher and stage in stage_names:
-        run.distill.teacher = str(workdir / stage / "params")
+        run[section][field] = str(workdir / stage / "params")
     return run
 
 

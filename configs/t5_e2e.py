@@ -13,11 +13,22 @@ what peft's ``target_modules=["q", "v"]`` adapts in T5).
 
 Source: Raffel et al., "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
 Transformer" (JMLR 2020) for the model (t5-base, 222.9M parameters); Novikova et al. (2017)
-for E2E. No published BLEU for T5 on the original E2E test set is cited: the LoRA paper's E2E
-table (Hu et al. 2021, Table 3: GPT-2 M LoRA 70.4) has decoders only, Kale & Rastogi (2020,
-T5 for data-to-text) report WebNLG, ToTTo and MultiWOZ but not E2E, and GEM (Gehrmann et al.
-2021) fine-tunes T5 on the *cleaned* E2E, whose references and splits differ, scoring other
-metrics. The number to compare with is gpt2_e2e's, run on the same data.
+for E2E. No published BLEU for T5 on the original E2E test set could be found, so none is
+cited: the LoRA paper's E2E table (Hu et al. 2021, Table 3: GPT-2 M LoRA 70.4) has decoders
+only; Kale & Rastogi (2020, "Text-to-Text Pre-Training for Data-to-Text Tasks") report T5 on
+WebNLG (T5-Base BLEU 64.7), ToTTo and MultiWOZ but not E2E
+(https://paperswithcode2.com/paper/145240); GEM (Gehrmann et al. 2021,
+https://arxiv.org/abs/2102.01672) fine-tunes T5 on the *cleaned* E2E, whose references and
+splits differ, and its listed T5 result there is METEOR 0.369 on the validation set
+(https://cs.paperswithcode.com/paper/the-gem-benchmark-natural-language-generation), not
+comparable with a BLEU on the original test set. The number to compare with is gpt2_e2e's, run
+on the same data.
+
+No task prefix (``data.source_prefix = ""``): T5's pre-training mixture has no data-to-text
+task whose prefix E2E could reuse, and a single-task fine-tune need not name its task; set one
+with --config.data.source_prefix="..." (training, evaluation by generation and ``ftlab
+predict`` all prepend it). Targets share the source's 128-token bound (``data.target_length =
+0``); E2E's references are far shorter.
 
     ftlab train configs/t5_e2e.py:full --workdir runs/t5_e2e-full     # or :lora
 
@@ -52,6 +63,8 @@ def get_config(arg=None):
     c.data.splits = "val=validation"
     c.data.task = "seq2seq"
     c.data.max_length = 128  # source and target tokens each (E2E's are far shorter)
+    c.data.source_prefix = ""  # no T5 task prefix (see the docstring)
+    c.data.target_length = 0  # = max_length
     c.data.clean.duplicates = False  # several references per meaning representation
     c.data.clean.leakage = ""  # the official splits are disjoint
 

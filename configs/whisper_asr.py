@@ -7,9 +7,13 @@ forced tokens ``<|startoftranscript|><|en|><|transcribe|><|notimestamps|>``, gre
 WER on the test split. Reference numbers on LibriSpeech test-clean: fine-tuned with exactly
 these settings on LibriSpeech clean, 6.60% WER (model card of
 ``FrancescoBonzi/whisper-tiny-librispeech``,
-https://huggingface.co/FrancescoBonzi/whisper-tiny-librispeech); the untuned openai/whisper-tiny
-about 7.6% (Radford et al. 2022, "Robust Speech Recognition via Large-Scale Weak
-Supervision", appendix D, English transcription; quoted from memory, check the table). ftlab's WER is jiwer's over
+https://huggingface.co/FrancescoBonzi/whisper-tiny-librispeech). Zero-shot, Radford et al.
+(2022, "Robust Speech Recognition via Large-Scale Weak Supervision",
+https://arxiv.org/abs/2212.04356) report 5.6% on LibriSpeech test-clean for the English-only
+``tiny.en`` (greedy; as reproduced in the Whisper rows of the OLMoASR report's short-form table,
+Ngo et al. 2025, https://arxiv.org/abs/2508.20869); the multilingual ``openai/whisper-tiny``
+this recipe starts from is not in that table, and its zero-shot number (the paper's appendix D)
+could not be verified from a source here, so none is quoted. ftlab's WER is jiwer's over
 lower-cased transcripts without punctuation (not Whisper's full English normaliser, which
 lowers WER a little further). ``:lora`` trains LoRA r=32 (alpha 64) on the query and value
 projections of every attention (encoder self, decoder self and cross) instead, as the PEFT

@@ -14,8 +14,8 @@ Commands taking a finished run's directory (its ``config.json`` and ``checkpoint
 
 - ``eval RUN_DIR [--split val|test|FILE] [--checkpoint best|last|STEP]``: metrics as JSON on
   stdout and in a new file ``RUN_DIR/eval/<split>_<checkpoint>.json``;
-- ``predict RUN_DIR --input FILE|DIR [--output FILE]``: class probabilities, values or
-  generated text per input row (jsonl, or csv for an ``--output`` ending in .csv);
+- ``predict RUN_DIR --input FILE|DIR [--output FILE]``: class probabilities, values,
+  generated text or transcripts (speech: audio files or a table of clip paths) per input row (jsonl, or csv for an ``--output`` ending in .csv);
 - ``export RUN_DIR [--hf DIR] [--peft DIR]``: a Hugging Face model directory (LoRA merged)
   and / or the LoRA adapter in PEFT's format; ``export RUN_DIR --quantize int8|nf4 --out DIR``:
   weight-only quantised safetensors with a size and metric report (``ftlab.quantized_export``);
@@ -175,8 +175,9 @@ def _parser() -> argparse.ArgumentParser:
         "Per input row: the predicted class and each class's probability (classification), "
         "the value in the target's original units (regression), or the text generated with "
         "the run's decoding settings (config.eval: num_beams, max_new_tokens, ...) for a "
-        "causal LM. Rows go through the run's data pipeline; a row it rejects is logged and "
-        "left out (each output row names its input row).",
+        "causal LM (a transcript per clip for a speech run). Rows go through the run's data "
+        "pipeline; a row it rejects is logged and left out (each output row names its input "
+        "row).",
         RUN_EPILOG,
     )
     pr.add_argument(
@@ -189,7 +190,8 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         metavar="FILE|DIR",
         help="csv / jsonl / parquet with the run's input columns (source names as in its data, "
-        "or ftlab's: text, prompt, context, image, ...), or a folder of images",
+        "or ftlab's: text, prompt, context, image, audio, ...), a folder of images, or (speech "
+        "runs) an audio file or a folder of them",
     )
     pr.add_argument(
         "--output",
@@ -212,7 +214,9 @@ def _parser() -> argparse.ArgumentParser:
         help="a run's directory (holds config.json), or gs://BUCKET/PATH",
     )
     x.add_argument("--hf", metavar="DIR", help="Hugging Face model directory to write")
-    x.add_argument("--peft", metavar="DIR", help="PEFT adapter directory to write (LoRA runs)")
+    x.add_argument(
+        "--peft", metavar="DIR", help="PEFT adapter directory to write (LoRA, IA3, prompt runs)"
+    )
     x.add_argument(
         "--quantize",
         choices=("int8", "nf4"),
@@ -568,10 +572,10 @@ def _export(args, wd, overrides, log) -> int:
             f"export --hf: the run's model is {cfg.model.name!r}, not a Hugging Face family "
             "(config.model.name='hf')"
         )
-    if args.peft and cfg.method.name not in ("lora", "qlora", "ia3"):
+    if args.peft and cfg.method.name not in ("lora", "qlora", "ia3", "prompt"):
         raise saved_run.InputError(
             f"export --peft: the run's method is {cfg.method.name!r}; only a LoRA (DoRA, QLoRA) "
-            "or IA3 run has an adapter (--hf exports the whole model)"
+            "or IA3 run, or a prompt-tuning one, has an adapter (--hf exports the whole model)"
         )
     restored = saved_run.restore(wd.store, cfg, which)
     from ftlab.interop.errors import HFExportError, PeftAdapterError

@@ -297,6 +297,8 @@ class MemoryPlan:
     flops: float | None = None  # per device, XLA's cost analysis (where the backend gives it)
     target: str = "host"
     compile_s: float | None = None
+    teacher: int = 0  # a distillation teacher's frozen variables, resident beside the state
+    teacher_source: str = ""
 
     @property
     def activations(self) -> int | None:
@@ -311,7 +313,14 @@ class MemoryPlan:
         if self.compiled is not None:
             c = self.compiled
             return c["argument"] + c["output"] - c["alias"] + c["temp"]
-        return self.parameters + self.gradients + self.optimizer + self.model_state + self.batch
+        return (
+            self.parameters
+            + self.gradients
+            + self.optimizer
+            + self.model_state
+            + self.batch
+            + self.teacher
+        )
 
     def fits(self, device_memory: int) -> bool:
         return self.total <= device_memory
@@ -324,12 +333,15 @@ class MemoryPlan:
             ("gradients", self.gradients),
             ("optimizer state", self.optimizer),
             ("model state", self.model_state),
+            *([("teacher parameters (frozen)", self.teacher)] if self.teacher_source else []),
             ("batch", self.batch),
             ("activations + workspace", self.activations),
             ("total (peak)" if self.compiled else "total (without activations)", self.total),
         ]
         lines = [f"per-device memory on mesh {mesh}:"]
         lines += [f"  {name:<28}{_fmt(n):>14}" for name, n in rows]
+        if self.teacher_source:
+            lines.insert(1, f"  distillation teacher: {self.teacher_source} (forward only)")
         if self.flops:
             lines.append(f"  {'FLOPs per step':<28}{_fmt_flops(self.flops):>14}")
         if device_memory is not None:
@@ -382,11 +394,15 @@ def plan_step(
     compile: bool = True,
     target: str = "host",
     rng_partitionable: bool | None = None,
+    teacher: Any = None,
+    teacher_source: str = "",
 ) -> MemoryPlan:
     """Plan ``train_step`` on ``state`` and ``batch``: trees of ``ShapeDtypeStruct``s that
     carry their shardings (``shard.with_shardings``). With ``compile`` the step is lowered and
     compiled as the trainer would run it (state donated) for XLA's memory analysis; the mesh
-    may be one of compile-only devices (another machine's topology)."""
+    may be one of compile-only devices (another machine's topology). ``teacher``: a
+    distillation teacher's variables (sharded ``ShapeDtypeStruct``s), the step's third
+    argument (``train_step(state, batch, teacher)``), counted apart as ``teacher``."""
     shardings = jax.tree.map(lambda s: s.sharding, state)
     mesh = jax.tree.leaves(shardings)[0].mesh
     compiled = flops = seconds = None
@@ -400,14 +416,18 @@ def plan_step(
         )
         with warnings.catch_warnings(), rng:
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            args, in_shardings = (state, batch), (shardings, batch_sharding)
+            if teacher is not None:
+                args += (teacher,)
+                in_shardings += (jax.tree.map(lambda s: s.sharding, teacher),)
             executable = (
                 jax.jit(
                     train_step,
-                    in_shardings=(shardings, batch_sharding),
+                    in_shardings=in_shardings,
                     out_shardings=(shardings, NamedSharding(mesh, P())),
                     donate_argnums=0,
                 )
-                .lower(state, batch)
+                .lower(*args)
                 .compile()
             )
         seconds = time.perf_counter() - start
@@ -425,6 +445,8 @@ def plan_step(
         flops=flops,
         target=target,
         compile_s=seconds,
+        teacher=device_bytes(teacher) if teacher is not None else 0,
+        teacher_source=teacher_source if teacher is not None else "",
     )
 
 
@@ -513,36 +535,73 @@ def shapes_config(cfg: mc.ConfigDict) -> mc.ConfigDict:
     ``config.json`` fields in ``model.hf_config`` (a local directory is read as is)."""
     from ftlab.config import override_copy
 
-    model = cfg.model
+    shapes = model_shapes(cfg.model)
+    if shapes is cfg.model:
+        return cfg
+    c = override_copy(cfg, {"model.pretrained": ""})
+    with c.unlocked():
+        c.model.hf_config = shapes.hf_config.to_dict()
+    return c
+
+
+def model_shapes(model: mc.ConfigDict, key: str = "config.model") -> mc.ConfigDict:
+    """``model`` (a ``config.model``) itself, or a copy whose pretrained hub id is replaced by
+    its built-in ``config.json`` fields in ``hf_config``."""
     if model.name != "hf" or not model.pretrained:
-        return cfg
+        return model
     if (Path(model.pretrained).expanduser() / "config.json").is_file():
-        return cfg
+        return model
     extra = model.hf_config.to_dict() if isinstance(model.hf_config, mc.ConfigDict) else {}
     known = KNOWN_MODELS.get(model.pretrained)
     if known is None:
         raise ConfigError(
-            f"config.model.pretrained: {model.pretrained!r} is not a local directory with a "
+            f"{key}.pretrained: {model.pretrained!r} is not a local directory with a "
             "config.json and its shapes are not built in; point it at a local copy, or give the "
-            "whole config.json in --config.model.hf_config (with model_type)"
+            f"whole config.json in --{key}.hf_config (with model_type)"
         )
-    c = override_copy(cfg, {"model.pretrained": ""})
-    with c.unlocked():
-        c.model.hf_config = {**known, **extra}
+    c = mc.ConfigDict(model.to_dict())
+    c.pretrained = ""
+    c.hf_config = {**known, **extra}
     return c
 
 
 def _task(cfg, model_type: str | None) -> str:
-    from ftlab.interop.build import DECODERS
+    from ftlab.interop.build import DECODERS, SEQ2SEQ
 
     if cfg.data.task != "auto":
         return cfg.data.task
+    if model_type in SEQ2SEQ:
+        return "seq2seq"
     return "causal_lm" if model_type in DECODERS else "classification"
+
+
+def _seq2seq_split(cfg: mc.ConfigDict, hf: dict):
+    """Zero rows of an encoder-decoder's training batch: the encoder's inputs (T5: token ids
+    of ``data.max_length`` and their mask; Whisper: log-mel ``input_features`` (n, mel bins,
+    frames), ``data.audio.num_frames`` or the model's window of ``2 x max_source_positions``),
+    the decoder's inputs and mask and the labels (``data.max_length`` tokens)."""
+    from ftlab.data import Split
+
+    n, length = cfg.train.batch_size, cfg.data.max_length
+    decoder = np.zeros((n, length), np.int32)
+    inputs: dict[str, np.ndarray] = {}
+    if hf["model_type"] == "whisper":
+        frames = int(_get(cfg, "data.audio.num_frames", 0) or 0)
+        frames = frames or 2 * int(hf.get("max_source_positions", 1500))
+        mels = int(hf.get("num_mel_bins", 80))
+        inputs["input_features"] = np.zeros((n, mels, frames), np.float32)
+    else:
+        inputs["input_ids"] = np.zeros((n, length), np.int32)
+        inputs["attention_mask"] = np.ones((n, length), np.int32)
+    inputs["decoder_input_ids"] = decoder
+    inputs["decoder_attention_mask"] = np.ones_like(decoder)
+    return Split(inputs, decoder.copy(), np.full(n, float(length), np.float32))
 
 
 def synthetic_data(cfg: mc.ConfigDict):
     """A ``Dataset`` of ``train.batch_size`` zero rows shaped like the configured data (token
-    ids of ``data.max_length``, images of ``data.clean.image_size``), or ``None`` when the
+    ids of ``data.max_length``, images of ``data.clean.image_size``, an encoder-decoder's
+    source and target: ``_seq2seq_split``), or ``None`` when the
     inputs' shape cannot be told from the config (a small offline dataset is loaded then)."""
     from ftlab.data import Dataset, Split
     from ftlab.interop.build import hf_config
@@ -556,6 +615,9 @@ def synthetic_data(cfg: mc.ConfigDict):
     if task == "causal_lm":
         ids = np.zeros((n, length), np.int32)
         split = Split(ids, ids.copy(), np.ones(n, np.float32))
+        outputs = 0
+    elif task == "seq2seq":  # encoder-decoders (T5, Whisper)
+        split = _seq2seq_split(cfg, hf)
         outputs = 0
     else:
         if kind in ("vit", "resnet", "efficientnet"):
@@ -645,8 +707,14 @@ def plan_config(
     devices: int | None = None,
     compile: bool | None = None,
     target: str | Target | None = None,
+    teacher_model: mc.ConfigDict | None = None,
 ) -> MemoryPlan:
     """Plan the train step of an experiment config (model, method, optimizer, batch, mesh).
+
+    With ``config.distill.teacher`` the step runs the teacher's forward too: its variables
+    (sharded like the student's, in ``method.frozen_dtype``) are an argument of the step,
+    built from its config alone (its run's ``config.json``, a Hugging Face directory's, or
+    ``teacher_model``: the model config of a stage not trained yet).
 
     ``target`` (a name of ``TARGETS``) compiles for that machine's compile-only devices;
     otherwise ``config.mesh.shape`` (default: data parallel) is laid over ``devices`` devices
@@ -697,30 +765,87 @@ def plan_config(
     else:
         mesh = make_abstract_mesh(shape, devices)
 
-    variables = jax.eval_shape(model.init, jax.random.key(cfg.seed), data.train.sample_inputs())
+    sample = data.train.sample_inputs()
+    variables = jax.eval_shape(model.init, jax.random.key(cfg.seed), sample)
     tx, lr = optim.optimizer(cfg.optim, max(cfg.train.num_steps, 1))
-    abstract = shard.abstract_state(shard.init_state_fn(method, tx, cfg.seed), variables)
-    state = shard.with_shardings(abstract, shard.state_shardings(abstract, variables, mesh))
+    init = shard.init_state_fn(method, tx, cfg.seed)
+    loss_fn = losses.per_example_loss(cfg.train.loss, cfg.train.label_smoothing)
+    teacher = None
+    if cfg.distill.teacher:  # its config only: shapes, dtypes and shardings, no weights
+        from ftlab.train import distill
+        from ftlab.train.loop import compute_dtype
+
+        teacher = distill.load(
+            cfg,
+            data,
+            model,
+            sample,
+            mesh,
+            loss_fn,
+            compute_dtype(cfg.train.compute_dtype),
+            tx,
+            method.frozen_dtype,
+            weights=False,
+            model_cfg=_teacher_model_cfg(cfg, teacher_model),
+        )
+        init, state_sh = teacher.wrap_init(init, variables, mesh)  # + the hidden projection
+        abstract = shard.abstract_state(init, variables)
+    else:
+        abstract = shard.abstract_state(init, variables)
+        state_sh = shard.state_shardings(abstract, variables, mesh)
+    state = shard.with_shardings(abstract, state_sh)
     host = train_batch(data.train, 0, cfg.train.batch_size, cfg.seed, shuffle=False)
     batch = shard.abstract_batch(host, shard.batch_sharding(mesh))
-    loss_fn = losses.per_example_loss(cfg.train.loss, cfg.train.label_smoothing)
     extra = {}
     if hasattr(step_lib, "training_loss"):  # the trainer's loss (chunked cross-entropy or not)
         loss_fn, kwargs = step_lib.training_loss(cfg.train, method, loss_fn)
         extra = {"model_kwargs": kwargs} if kwargs else {}
-    step = step_lib.make_train_step(model, method, tx, lr, loss_fn, cfg.optim.accum_steps, **extra)
+    step = step_lib.make_train_step(
+        model, method, tx, lr, loss_fn, cfg.optim.accum_steps, **extra, distill=teacher
+    )
     do_compile = (real if compile is None else compile) and isinstance(mesh, jax.sharding.Mesh)
     # the trainer's random numbers: non-partitionable threefry on CPU (loop.use_fast_cpu_rng)
     partitionable = tgt.platform != "host" or jax.default_backend() != "cpu"
     try:
         return plan_step(
-            step, state, batch, compile=do_compile, target=tgt.name, rng_partitionable=partitionable
+            step,
+            state,
+            batch,
+            compile=do_compile,
+            target=tgt.name,
+            rng_partitionable=partitionable,
+            teacher=None if teacher is None else teacher.variables,
+            teacher_source="" if teacher is None else teacher.source,
         )
     except jax.errors.JaxRuntimeError as e:
         if tgt.platform == "host":
             raise
         first = str(e).splitlines()[0][:300]
         raise PlannerSetupError(f"XLA could not compile the step for {tgt.name}: {first}") from None
+
+
+def _teacher_model_cfg(cfg: mc.ConfigDict, given: mc.ConfigDict | None) -> mc.ConfigDict | None:
+    """The teacher's model config for planning: ``given`` (a stage's), else its run's saved
+    ``config.json`` (a hub id replaced by its built-in shapes); None: a Hugging Face directory,
+    read as training reads it."""
+    if given is not None:
+        return model_shapes(given, "config.distill.teacher: the teacher's model")
+    from ftlab.train import distill, run_files
+
+    path = Path(cfg.distill.teacher).expanduser()
+    if distill._is_hf_dir(path):
+        return None
+    try:
+        params_dir, _ = run_files.resolve_init(str(path))
+    except ConfigError:
+        return None  # a Hugging Face directory, or nothing: distill.load says which
+    saved = params_dir.parent / "config.json"
+    if not saved.is_file():
+        return None
+    import json
+
+    model = mc.ConfigDict(json.loads(saved.read_text())["model"])
+    return model_shapes(model, "config.distill.teacher: the teacher's model")
 
 
 def runs(cfg: mc.ConfigDict, variant: str | None = None) -> list[tuple[str, mc.ConfigDict]]:
@@ -804,8 +929,16 @@ def describe(
     if device_memory is None:
         device_memory = tgt.memory if devices in (None, jax.device_count(), tgt.devices) else None
     texts, verdicts = [], []
-    for name, run in runs(cfg, variant):
-        p = plan_config(run, devices=devices, target=tgt)
+    planned = runs(cfg, variant)
+    # a stage's parameters a later run distils from: not trained yet, planned from its config
+    stages = {n for n, _ in cfg.stages} if "stages" in cfg else set()
+    every = dict(runs(cfg)) if variant else dict(planned)
+    stage_models = {
+        str(Path("WORKDIR") / n / "params"): every[n].model for n in stages if n in every
+    }
+    for name, run in planned:
+        teacher = stage_models.get(str(run.distill.teacher)) if run.distill.teacher else None
+        p = plan_config(run, devices=devices, target=tgt, teacher_model=teacher)
         where = tgt.describe
         if tgt.platform == "host" and devices not in (None, jax.device_count()):
             where = f"{devices} devices (from shapes: this machine has {jax.device_count()})"

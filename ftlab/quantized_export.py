@@ -207,6 +207,6 @@ def evaluate(directory: str | Path) -> dict:
 
     cfg, params, model_state = load(directory)
     report = json.loads((Path(directory) / REPORT).read_text())
-    run = build(cfg)
+    run = build(cfg, teacher=False)  # evaluation needs the student only
     state = run.state.replace(model_state=model_state or run.state.model_state)
     return _scores(run, state, tree.flatten(params), report["quantize"], report["block"] or 64)

@@ -155,8 +155,10 @@ def restore(run_dir: Path, cfg: mc.ConfigDict, which: Checkpoint, data: Any = No
     from ftlab import checkpoint
     from ftlab.train.loop import build
 
-    run = build(cfg, data)
     ckpt_dir = run_dir / "checkpoints"
+    # a distilled run is evaluated as its student: the teacher is never read
+    proj = _distill_projection(ckpt_dir / which.kind / str(which.step), cfg)
+    run = build(cfg, data, teacher=False, distill_proj=proj)
     # Orbax creates the folders it manages: only name the best one when it exists.
     ckpts = checkpoint.Checkpoints(
         ckpt_dir,
@@ -177,6 +179,22 @@ def restore(run_dir: Path, cfg: mc.ConfigDict, which: Checkpoint, data: Any = No
         ckpts.close()
     log.info("restored the %s from %s", which, ckpt_dir)
     return Restored(run_dir, cfg, run, state, which)
+
+
+def _distill_projection(step_dir: Path, cfg: mc.ConfigDict) -> tuple[int, int] | None:
+    """The shape of the hidden-state projection a distilled run's checkpoint holds (read from
+    its metadata: the teacher's width is not needed), or None."""
+    if not (cfg.distill.teacher and cfg.distill.hidden_weight):
+        return None
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        meta = checkpointer.metadata(step_dir / "state").item_metadata.tree
+    finally:
+        checkpointer.close()
+    kernel = meta.get("trainable", {}).get("distill", {}).get("proj", {}).get("kernel")
+    return None if kernel is None else tuple(int(n) for n in kernel.shape)
 
 
 def new_file(directory: Path, stem: str, suffix: str = ".json") -> Path:
@@ -215,9 +233,34 @@ def source_splits(cfg: mc.ConfigDict) -> SourceSplits:
 
 def generates(source: SourceSplits) -> bool:
     """Whether predicting means writing text: a causal LM continues prompts, a text-to-text
-    model (T5: ``seq2seq`` with a ``prompt`` column, not speech) answers sources."""
+    model (T5: ``seq2seq`` with a ``prompt`` column) answers sources, a speech model
+    (Whisper: an ``audio`` column) transcribes clips."""
     text_to_text = source.task == "seq2seq" and "prompt" in source.splits.train.columns
-    return source.task == "causal_lm" or text_to_text
+    return source.task == "causal_lm" or text_to_text or transcribes(source)
+
+
+def transcribes(source: SourceSplits) -> bool:
+    """Whether the run is speech recognition (its data has an ``audio`` column)."""
+    return "audio" in source.splits.train.columns
+
+
+AUDIO_SUFFIXES = (".wav", ".wave", ".flac", ".ogg", ".mp3")
+
+
+def _audio_listing(path: Path) -> pd.DataFrame | None:
+    """One ``audio`` row per clip when ``path`` is an audio file or a folder of them (sorted,
+    subfolders included); None for anything else (a table)."""
+
+    def is_audio(p: Path) -> bool:
+        return p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
+
+    if is_audio(path):
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if is_audio(p))
+    else:
+        return None
+    return pd.DataFrame({"audio": [str(f) for f in files]}) if files else None
 
 
 def _without_leaked(splits: Any, clean_cfg: mc.ConfigDict, label_map: Any, task: str) -> Any:
@@ -337,17 +380,32 @@ def file_rows(cfg: mc.ConfigDict, path: str | Path, *, labelled: bool, what: str
     ``text`` without a template), those of a text-to-text model the source (``prompt``,
     optional ``context``): they are decoded, not scored."""
     path = Path(path)
-    frame = read_table(path, what, cfg.data.cache_dir)  # before the source: fails fast
+    listing = _audio_listing(path)  # an audio file or folder (speech runs)
+    if listing is None:
+        frame = read_table(path, what, cfg.data.cache_dir)  # before the source: fails fast
+    else:
+        frame = listing
     source = source_splits(cfg)
     train = source.splits.train
     columns = [str(c) for c in train.columns]
+    if listing is not None and (labelled or not transcribes(source)):
+        need = "a table with the audio and text columns" if labelled else "a table of inputs"
+        raise InputError(f"{what}: '{path}' holds audio files; this run needs {need}")
     if not labelled and generates(source):
         columns = ["prompt"] + (["context"] if "context" in columns else [])
         if not cfg.data.template and source.task == "causal_lm":
             columns = ["text"]
+        if transcribes(source):  # speech: the clips only
+            columns = ["audio"]
     elif not labelled:
         columns = [c for c in columns if c != "label"]
     rows = canonical_rows(cfg, frame, columns, path, what)
+    if transcribes(source):  # relative clip paths are read from the input file's folder
+        base = path if path.is_dir() else path.parent
+        rows["audio"] = [
+            str(base / v) if isinstance(v, str) and not Path(v).expanduser().is_absolute() else v
+            for v in rows["audio"]
+        ]
     if not labelled and generates(source):
         empty = rows[columns[0]].isna().to_numpy()
         if empty.any():
@@ -368,7 +426,8 @@ def file_rows(cfg: mc.ConfigDict, path: str | Path, *, labelled: bool, what: str
                 int((~keep).sum()),
             )
         rows = rows[keep]
-    return FileRows(rows, source, labelled, _image_files(path, cfg.data.cache_dir))
+    files = None if listing is not None else _image_files(path, cfg.data.cache_dir)
+    return FileRows(rows, source, labelled, files)
 
 
 def _image_files(path: Path, cache_dir: str) -> list[str] | None:
@@ -488,6 +547,8 @@ def generate_rows(restored: Restored, frame: pd.DataFrame) -> list[dict[str, Any
 
     cfg, run = restored.cfg, restored.run
     tokenizer = run.data.tokenizer
+    if "audio" in frame.columns:  # speech (Whisper): transcripts of the clips
+        return _transcribe_rows(restored, frame)
     if run.data.task == "seq2seq":  # text to text (T5): the source encoded as in training
         return _answer_rows(restored, frame)
     if cfg.data.template:
@@ -513,15 +574,19 @@ def generate_rows(restored: Restored, frame: pd.DataFrame) -> list[dict[str, Any
 
 
 def _answer_rows(restored: Restored, frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """The restored text-to-text model's output for each row's source (``prompt``, then
-    ``context`` after a space), encoded as ``seq2seq_arrays`` encodes training sources."""
+    """The restored text-to-text model's output for each row's source (``data.source_prefix``,
+    ``prompt``, then ``context`` after a space), encoded as ``seq2seq_arrays`` encodes training
+    sources."""
     from ftlab.eval.generate import decode_sources
     from ftlab.eval.generation_eval import encode_sources, source_text
 
     cfg, run = restored.cfg, restored.run
     context = frame["context"] if "context" in frame.columns else [""] * len(frame)
     shown = [str(p) for p in frame["prompt"]]
-    sources = [source_text(p, "" if pd.isna(c) else str(c)) for p, c in zip(shown, context)]
+    prefix = cfg.data.get("source_prefix", "")  # as training: the config's task prefix
+    sources = [
+        prefix + source_text(p, "" if pd.isna(c) else str(c)) for p, c in zip(shown, context)
+    ]
     ids = encode_sources(run.data.tokenizer, sources, cfg.data.max_length)
     state = restored.state
     texts = decode_sources(
@@ -531,6 +596,45 @@ def _answer_rows(restored: Restored, frame: pd.DataFrame) -> list[dict[str, Any]
         {"row": int(i), "prompt": p, "output": t}
         for i, p, t in zip(range(len(shown)), shown, texts)
     ]
+
+
+def _transcribe_rows(restored: Restored, frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The restored speech model's transcript of each row's clip: read, resampled and turned
+    into log-mel features as training did (the run's feature extractor, the model's window),
+    decoded with the run's ``config.eval`` settings (``num_beams``, ``max_new_tokens``, ...).
+    A clip that cannot be read is logged and left out."""
+    from ftlab.data import audio as audio_lib
+    from ftlab.eval.generation_eval import transcribe
+
+    cfg, run, state = restored.cfg, restored.run, restored.state
+    extractor = getattr(run.data, "feature_extractor", None) or audio_lib.feature_extractor(
+        cfg.data.tokenizer or cfg.model.pretrained
+    )
+    rate = int(cfg.data.audio.get("sampling_rate", audio_lib.RATE) or audio_lib.RATE)
+    rows, clips = [], []
+    for i, value in enumerate(frame["audio"]):
+        try:
+            clips.append(audio_lib.read_audio(value, "", rate))
+            rows.append(i)
+        except (ValueError, OSError) as e:
+            log.warning("row %d not transcribed: audio %r: %s", i, str(value), e)
+    if not clips:
+        return []
+    features = audio_lib.log_mel(extractor, clips, run.model.config.num_frames)
+    e = cfg.eval
+    texts = transcribe(
+        run.model,
+        run.method.merged_params(state.trainable, state.frozen),
+        features,
+        run.data.tokenizer,
+        e.batch_size,
+        e.max_new_tokens,
+        num_beams=e.num_beams,
+        length_penalty=e.length_penalty,
+        no_repeat_ngram_size=e.no_repeat_ngram_size,
+    )
+    audio = frame["audio"].tolist()
+    return [{"row": i, "audio": str(audio[i]), "output": t} for i, t in zip(rows, texts)]
 
 
 def decode(restored: Restored, ids: list[list[int]]) -> list[str]:

@@ -12,7 +12,7 @@ import ml_collections as mc
 
 from ftlab.config import ConfigError
 
-METHODS = ("full", "frozen", "partial", "bitfit", "lora", "qlora", "ia3")
+METHODS = ("full", "frozen", "partial", "bitfit", "lora", "qlora", "ia3", "prompt")
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 SCHEDULES = ("constant", "cosine", "linear")
 LOSSES = ("cross_entropy", "mse", "causal_lm", "seq2seq")
@@ -61,6 +61,11 @@ def base_config() -> mc.ConfigDict:
     # text: a tokenizer directory (or hub id, online only); "" = model.pretrained's
     c.data.tokenizer = ""
     c.data.max_length = 128  # tokens per example (instruction cutoff, LM block size)
+    # seq2seq (text to text, T5) only: text put before every source (T5's task prefix, e.g.
+    # "summarize: "; training, evaluation by generation and predict alike), and the label /
+    # decoder length in tokens (0 = data.max_length, which bounds the sources)
+    c.data.source_prefix = ""
+    c.data.target_length = 0
     c.data.template = ""  # instructions: alpaca | alpaca_legacy | chat | a JSON template file
     c.data.pack = False  # language modelling: concatenate examples and cut fixed blocks
     c.data.train_on_inputs = False  # instructions: also train on the prompt tokens
@@ -152,6 +157,9 @@ def base_config() -> mc.ConfigDict:
     # it (frozen + nf4: a probe over a 4-bit backbone); other frozen leaves use frozen_dtype.
     c.method.quantize = "auto"
     c.method.quantize_block = 64  # NF4 block size (QLoRA's 64)
+    # NF4 only: each block's float32 absmax stored as an 8-bit float (blocks of 256, a float32
+    # scale each, the mean subtracted): 0.5159 instead of 0.5625 bytes per weight (QLoRA 3)
+    c.method.quantize_double = False
     c.method.quantize_skip = (r"(^|/)lm_head/",)  # kernel regexes kept unquantised
     c.method.partial = mc.ConfigDict()
     c.method.partial.last_k = 0  # train the last k blocks
@@ -171,6 +179,15 @@ def base_config() -> mc.ConfigDict:
     c.method.ia3 = mc.ConfigDict()
     c.method.ia3.targets = ()  # regexes of kernel paths to scale
     c.method.ia3.feedforward = ()  # regexes of those targets scaled on their input side
+    # prompt tuning (method.name "prompt"; causal LMs on GPT-2 / LLaMA): a trained soft prompt
+    # of num_virtual_tokens embeddings prepended to the input embeddings, the model frozen
+    # (plus method.trainable); PEFT's PROMPT_TUNING (ftlab.methods.prompt)
+    c.method.prompt = mc.ConfigDict()
+    c.method.prompt.num_virtual_tokens = 20  # virtual tokens (> 0)
+    # random: N(0, 1) (PEFT RANDOM) | vocab: embeddings of random vocabulary tokens
+    # (SAMPLE_VOCAB) | text: embeddings of init_text's tokens, repeated / cut (TEXT)
+    c.method.prompt.init = "random"
+    c.method.prompt.init_text = ""  # init "text": tokenised by the run's tokenizer
 
     c.optim = mc.ConfigDict()
     c.optim.name = "adamw"
@@ -379,6 +396,23 @@ def validate(cfg: mc.ConfigDict) -> None:
         f"must be in (0, 1], got {cfg.data.balance.ratio}",
     )
     _check(cfg.data.max_length > 1, "data.max_length", "must be > 1")
+    _check(
+        isinstance(cfg.data.source_prefix, str),
+        "data.source_prefix",
+        f"must be a string, got {cfg.data.source_prefix!r}",
+    )
+    _check(
+        cfg.data.target_length == 0 or cfg.data.target_length > 1,
+        "data.target_length",
+        f"must be 0 (= data.max_length) or > 1 tokens, got {cfg.data.target_length}",
+    )
+    if cfg.data.task not in ("auto", "seq2seq"):
+        for key in ("source_prefix", "target_length"):
+            _check(
+                not cfg.data[key],
+                f"data.{key}",
+                f"only for text-to-text data (data.task 'seq2seq'), not {cfg.data.task!r}",
+            )
     _check(cfg.data.prefetch >= 0, "data.prefetch", "must be >= 0")
     _check(cfg.eval.label_issue_folds >= 2, "eval.label_issue_folds", "must be >= 2")
     lora = cfg.method.lora
@@ -405,9 +439,9 @@ def validate(cfg: mc.ConfigDict) -> None:
         )
     if cfg.export.peft:
         _check(
-            cfg.method.name in ("lora", "qlora", "ia3"),
+            cfg.method.name in ("lora", "qlora", "ia3", "prompt"),
             "export.peft",
-            "a PEFT adapter needs method.name 'lora', 'qlora' or 'ia3'",
+            "a PEFT adapter needs method.name 'lora', 'qlora', 'ia3' or 'prompt'",
         )
     _check(cfg.method.quantize_block >= 1, "method.quantize_block", "must be >= 1")
     _check(
@@ -438,6 +472,29 @@ def validate(cfg: mc.ConfigDict) -> None:
             "IA3 needs at least one target regex",
         )
     _regexes(cfg.method.ia3.targets, "method.ia3.targets")
+    if cfg.method.name == "prompt":
+        pt = cfg.method.prompt
+        _check(
+            pt.num_virtual_tokens > 0,
+            "method.prompt.num_virtual_tokens",
+            f"must be > 0, got {pt.num_virtual_tokens}",
+        )
+        _check(
+            pt.init in ("random", "vocab", "text"),
+            "method.prompt.init",
+            f"{pt.init!r}; choose random, vocab, text",
+        )
+        _check(
+            pt.init != "text" or bool(pt.init_text),
+            "method.prompt.init_text",
+            "init 'text' needs a text",
+        )
+        _check(
+            cfg.train.loss == "causal_lm",
+            "method.name",
+            "'prompt' (prompt tuning) supports causal language models (train.loss "
+            f"'causal_lm') on GPT-2 and LLaMA, not train.loss {cfg.train.loss!r}",
+        )
     _regexes(cfg.method.ia3.feedforward, "method.ia3.feedforward")
     _regexes(cfg.method.partial.blocks, "method.partial.blocks")
     _regexes((cfg.method.partial.block_pattern,), "method.partial.block_pattern")

@@ -336,3 +336,55 @@ def test_gpt2_e2e_distill_runlocal_builds_and_traces(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"100 outputs \(vocabulary size\).*student has 512"):
         build(other, data)
+
+
+# -- the student alone after training; the planner counts the teacher ----------------------
+
+
+def test_eval_of_a_distilled_run_needs_no_teacher(tmp_path, experiment, capsys):
+    """A student trained with the hidden-state term (a learned projection), then its teacher
+    moved away: ``ftlab eval`` rebuilds the student alone and reproduces the summary's test
+    metrics; the summary counts the projection apart from the student's parameters."""
+    import shutil
+
+    workdir, _ = experiment
+    teacher = tmp_path / "teacher"
+    shutil.copytree(workdir / "teacher", teacher)
+    cfg = _student(teacher, **{"distill.hidden_weight": 0.1})
+    run_dir = tmp_path / "student"
+    summary = train(cfg, run_dir)
+    proj = summary["distill_projection_params"]
+    assert proj == 16 * 8  # the student's last hidden width (16) to the teacher's (8)
+    assert f"parameters (100.00%) + distill projection {proj:,} |" in summary["method_summary"]
+    student = tree.count(build(_student("")).state.trainable)
+    assert summary["trainable_params"] == student
+    teacher.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--split", "test"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key, value in summary["test"].items():
+        if isinstance(value, float):
+            assert result["metrics"][key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_plan_counts_the_teacher(experiment):
+    """``ftlab plan`` of a distilled run: the teacher's variables (from its run's config.json,
+    no weights read) are an argument of the compiled step, named and counted apart."""
+    from ftlab import plan
+
+    workdir, _ = experiment
+    with_teacher = plan.plan_config(_student(workdir / "teacher"))
+    without = plan.plan_config(_student(""))
+    teacher_params = tree.count(checkpoint.load_pytree(workdir / "teacher" / "params"))
+    assert with_teacher.teacher == 4 * teacher_params
+    assert with_teacher.total >= without.total + with_teacher.teacher
+    assert with_teacher.parameters == without.parameters  # the student's alone
+    table = with_teacher.table()
+    assert "teacher parameters (frozen)" in table and str(workdir / "teacher") in table
+    assert "teacher" not in without.table()
+    # the hidden-state term adds its projection (student width 16 -> teacher's 8) as trained
+    hidden = plan.plan_config(
+        _student(workdir / "teacher", **{"distill.hidden_weight": 0.1}), compile=False
+    )
+    assert hidden.trainable == without.trainable + 4 * 16 * 8
+    assert hidden.teacher == with_teacher.teacher

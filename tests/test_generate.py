@@ -264,3 +264,46 @@ def test_no_repeat_ngram():
     for n, kw in ((2, {}), (2, {"num_beams": 2})):
         out = gen(name, no_repeat_ngram_size=n, **kw)
         assert not any(repeats(r, n) for r in full(out))
+
+
+def test_quantized_base_without_lora_generates():
+    """A frozen probe over an int8 base (no LoRA factors): the cached decoder dequantises
+    through the method's interceptor, as ``Method.apply`` does; its greedy tokens are the
+    argmax of uncached forwards through ``Method.apply``."""
+    name = "tiny_gpt2"
+    p = loaded(name)
+    cfg = base_config().method
+    cfg.name, cfg.trainable, cfg.quantize = "frozen", ("ln_f/",), "int8"
+    method = build_method(cfg, p.params)
+    assert method.quantized and not method.lora_targets
+    trainable, frozen = method.split(p.params, jax.random.key(0))
+    with jax.default_matmul_precision("highest"):
+        out = generate(
+            p.model,
+            None,
+            IDS,
+            MASK,
+            max_new_tokens=NEW,
+            adapter=method,
+            trainable=trainable,
+            frozen=frozen,
+            return_logits=True,
+        )
+    total = IDS.shape[1] + NEW
+    ids = np.zeros((2, total), np.int32)
+    mask = np.ones((2, total), np.int32)
+    ids[:, : IDS.shape[1]], mask[:, : IDS.shape[1]] = IDS, MASK
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    kwargs = {"attention_mask": mask, "position_ids": positions}
+    apply = jax.jit(lambda t, f, i: method.apply(p.model, t, f, i, train=False, **kwargs))
+    tokens, logits = [], []
+    for step in range(NEW):
+        with jax.default_matmul_precision("highest"):
+            last = np.asarray(apply(trainable, frozen, ids))[:, IDS.shape[1] + step - 1]
+        tokens.append(last.argmax(-1).astype(np.int32))
+        logits.append(last)
+        ids[:, IDS.shape[1] + step] = tokens[-1]
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.stack(tokens, 1))
+    assert np.abs(np.asarray(out.logits) - np.stack(logits, 1)).max() < 1e-4
+    # int8 rounding moved the logits off the float32 model's (the base really is quantised)
+    assert np.abs(np.asarray(out.logits[:, 0]) - reference(name)[1][:, 0]).max() > 1e-6

@@ -160,3 +160,38 @@ def test_describe_is_what_the_cli_prints(tiny):
     text, fits = plan.describe(cfg, device_memory=plan.parse_bytes("1GB"))
     assert fits is True and "fits in 1.00 GiB" in text and "total (peak)" in text
     assert plan.local_device_memory() is None  # CPU reports no limit: the CLI needs a size
+
+
+def test_a_distilled_variant_plans_its_teachers_forward(monkeypatch):
+    """configs/digits_distill.py:runlocal's ``distilled`` variant distils from the stage
+    ``teacher`` (not trained yet): planned from the stage's config, the teacher's variables
+    are an input of the compiled step, counted apart, and the peak grows by at least them."""
+    from ftlab import tree
+    from ftlab.config import load_config
+    from ftlab.train.loop import prepare
+
+    cfg = load_config("configs/digits_distill.py:runlocal")
+    runs = dict(plan.runs(cfg))
+    distilled = plan.plan_config(runs["distilled"], teacher_model=runs["teacher"].model)
+    scratch = plan.plan_config(runs["scratch"])
+    data, model, _ = prepare(runs["teacher"])
+    shapes = jax.eval_shape(model.init, jax.random.key(0), data.train.sample_inputs())
+    assert distilled.teacher == 4 * tree.count(nn.meta.unbox(shapes["params"])) > 0
+    assert scratch.teacher == 0 and distilled.parameters == scratch.parameters
+    assert distilled.total >= scratch.total + distilled.teacher
+    assert distilled.compiled["argument"] >= scratch.compiled["argument"] + distilled.teacher
+    table = distilled.table()
+    assert "distillation teacher: " in table and "teacher parameters (frozen)" in table
+    assert "teacher" not in scratch.table()
+    # describe hands each variant its teacher stage's model config
+    seen = {}
+
+    def fake(run, **kw):
+        seen[run.distill.teacher] = kw["teacher_model"]
+        return scratch
+
+    monkeypatch.setattr(plan, "plan_config", fake)
+    plan.describe(cfg, variant="distilled")
+    ((teacher, model_cfg),) = seen.items()
+    assert teacher.endswith("teacher/params") and model_cfg.features == (4, 8)
+    assert model_cfg.hidden == (8,)

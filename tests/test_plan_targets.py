@@ -8,6 +8,7 @@ import importlib.util
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from ftlab import plan
@@ -133,3 +134,37 @@ def test_the_planner_sits_above_the_training_code():
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             assert not any(n.startswith("ftlab.plan") for n in names), path
+
+
+@pytest.mark.parametrize(
+    "spec, encoder",
+    [
+        # T5: source token ids and mask (batch 2 x 64 tokens)
+        ("t5_e2e.py:lora,runlocal", {"input_ids": (64,), "attention_mask": (64,)}),
+        # Whisper: log-mel input_features (40 mel bins x the tiny model's 200-frame window)
+        ("whisper_asr.py:lora,runlocal", {"input_features": (40, 200)}),
+    ],
+)
+def test_encoder_decoders_plan_their_seq2seq_step(spec, encoder):
+    """T5 and Whisper plan the trainer's seq2seq step from the config alone: the encoder's
+    inputs, the decoder's inputs and mask and the labels, compiled for a peak."""
+    cfg = override_copy(load_config(str(CONFIGS / spec)), {"train.batch_size": 2})
+    data = plan.synthetic_data(cfg)
+    assert data.task == "seq2seq"
+    target = cfg.data.max_length
+    shapes = {"decoder_input_ids": (target,), "decoder_attention_mask": (target,), **encoder}
+    assert {k: v.shape[1:] for k, v in data.train.inputs.items()} == shapes
+    p = plan.plan_config(cfg)
+    assert p.compiled is not None and p.activations > 0 and p.total > p.parameters
+    assert p.trainable < p.parameters  # LoRA factors only
+    size = sum(2 * 4 * np.prod(s) for s in shapes.values())  # int32 / float32 rows
+    assert p.batch == size + 2 * target * 4 + 2 * 4  # + labels and weights
+    assert "total (peak)" in p.table()
+    if "input_features" in encoder:  # the real speech pipeline's batch has the same layout
+        from ftlab.data import load_dataset
+
+        real = load_dataset(cfg.data, tokenizer=cfg.model.pretrained)
+        a, b = (train_batch(d.train, 0, 2, 0, shuffle=False) for d in (data, real))
+        assert jax.tree.map(lambda x: (x.shape, x.dtype), a) == jax.tree.map(
+            lambda x: (x.shape, x.dtype), b
+        )

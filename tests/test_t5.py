@@ -370,3 +370,59 @@ def test_lora_on_t5_attention_through_the_training_loop_trains_only_its_factors(
         np.testing.assert_array_equal(np.asarray(frozen[path]), np.asarray(value), err_msg=path)
     before = tree.flatten(start.trainable["lora"])
     assert all(not np.array_equal(factors[k], before[k]) for k in before if k.endswith("/b"))
+
+
+def test_source_prefix_and_target_length_from_the_config(tmp_path, monkeypatch, capsys):
+    """``data.source_prefix`` / ``data.target_length`` reach the tokenised sources and labels
+    of configs/t5_e2e.py:runlocal's data, evaluation by generation encodes the same sources,
+    and bad values or a typo are errors naming the key (the CLI exits 2)."""
+    from ftlab import cli
+    from ftlab.config import ConfigError, apply_overrides, load_config
+    from ftlab.data.loading import load_dataset
+    from ftlab.eval import generation_eval
+    from ftlab.schema import validate
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "t5_e2e.py"
+    cfg = load_config(f"{config}:full,runlocal")
+    cfg = apply_overrides(cfg, {"data.source_prefix": "data to text: ", "data.target_length": 12})
+    data = load_dataset(cfg.data)
+    tok = data.tokenizer
+    prefix = tok("data to text: ", add_special_tokens=False)["input_ids"]
+    test = data.test
+    assert len(prefix) > 2 and all(s.startswith("data to text: ") for s in test.text["source"])
+    ids, mask = test.inputs["input_ids"], test.inputs["attention_mask"]
+    assert ids.shape[1] == cfg.data.max_length and test.labels.shape == (len(test), 12)
+    heads = {tuple(row[: len(prefix)]) for row in ids}
+    plain = tok(str(test.text["prompt"][0]), add_special_tokens=False)["input_ids"]
+    assert heads == {tuple(prefix)} and tuple(ids[0][: len(plain)]) != tuple(plain)
+    assert (test.labels[:, -1] >= 0).any()  # some targets fill all 12 (cut): the bound holds
+    assert test.inputs["decoder_input_ids"].shape == (len(test), 12)
+
+    # evaluation by generation encodes exactly the training sources (prefix included)
+    seen = []
+
+    def fake_decode(model, method, trainable, frozen, ids, tokenizer, cfg):
+        seen.extend(ids)
+        return ["x"] * len(ids)
+
+    monkeypatch.setattr(generation_eval, "decode_sources", fake_decode)
+    cfg.eval.generate_examples = 3
+    generation_eval.evaluate_seq2seq(None, None, None, None, test, tok, cfg.eval)
+    first = [row[: int(m.sum())].tolist() for row, m in zip(ids, mask)][:1]
+    assert len(seen) == 3 and seen[:1] == first
+
+    # wrong values and typos are named
+    for key, value, message in [
+        ("data.target_length", -1, "config.data.target_length: must be 0"),
+        ("data.source_prefix", "x", "only for text-to-text data"),
+    ]:
+        bad = apply_overrides(load_config(f"{config}:full,runlocal"), {key: value})
+        if key == "data.source_prefix":
+            bad.data.task = "causal_lm"
+        with pytest.raises(ConfigError, match=message):
+            validate(bad)
+    with pytest.raises(ConfigError, match="did you mean 'data.source_prefix'"):
+        apply_overrides(cfg, {"data.source_prefx": "x"})
+    argv = ["train", f"{config}:full,runlocal", "--workdir", str(tmp_path / "w")]
+    assert cli.main([*argv, "--config.data.target_length=-3"]) == 2
+    assert "config.data.target_length" in capsys.readouterr().err

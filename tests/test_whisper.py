@@ -2,7 +2,8 @@
 and LoRA, the audio data path and the recipe's ``:runlocal``.
 
 Fixtures: ``tests/fixtures/make_whisper_fixtures.py`` (torch venv) wrote ``tiny_whisper/`` and
-``peft_whisper/``; their reference logits and greedy ids are transformers' and peft's.
+``peft_whisper/``; their reference logits, greedy ids and (``decoding.json``) beam-search ids
+and scores are transformers' and peft's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from ftlab.interop.peft import export_peft_adapter, load_peft_adapter
 from ftlab.interop.pretrained import export_hf, hf_tensors, load_pretrained
 from ftlab.interop.whisper import example_inputs
 from ftlab.methods import build_method
-from ftlab.models.whisper import Whisper, WhisperConfig, greedy_decode, init_cache
+from ftlab.models.whisper import (
+    Whisper,
+    WhisperConfig,
+    init_cache,
+    scan_params,
+    unscan_params,
+)
 from ftlab.schema import base_config
 from ftlab.train.losses import causal_lm_loss
 from ftlab.train.state import TrainState
@@ -66,10 +73,20 @@ def test_cached_decoding_equals_uncached_and_greedy_equals_hf(tiny, ref, forward
     """Greedy decoding with the cache (the 4 forced tokens in one chunk that also computes the
     cross keys, then one token a step) gives HF's ids, and its logits are the uncached
     forward pass's on the same ids."""
+    from ftlab.eval.generate import generate_seq2seq
+
     model, params = tiny.model, tiny.params
-    ids, logits = greedy_decode(
-        model, params, ref["input_features"], ref["prefix"], 6, return_logits=True
+    out = generate_seq2seq(
+        model,
+        params,
+        None,
+        input_features=ref["input_features"],
+        max_new_tokens=6,
+        decoder_start_token_id=ref["prefix"],
+        return_logits=True,
     )
+    prefix = np.broadcast_to(ref["prefix"], (len(out.tokens), len(ref["prefix"])))
+    ids, logits = np.concatenate([prefix, np.asarray(out.tokens)], axis=1), out.logits
     np.testing.assert_array_equal(np.asarray(ids), ref["greedy_ids"])
     width = ref["decoder_input_ids"].shape[1]  # the forward pass compiled for this length
     batch = {"input_features": ref["input_features"], "decoder_input_ids": ids[:, :width]}
@@ -80,6 +97,93 @@ def test_cached_decoding_equals_uncached_and_greedy_equals_hf(tiny, ref, forward
     cache = init_cache(model, 2, 10)
     assert cache["decoder"]["layers_0"]["encoder_attn"]["cross_key"].shape == (2, 100, 4, 8)
     assert cache["decoder"]["layers_0"]["self_attn"]["cached_key"].shape == (2, 10, 4, 8)
+
+
+def test_beam_search_gives_transformers_ids_and_scores(tiny):
+    """``generate_seq2seq`` from the forced prefix with ``num_beams=3`` gives the ids and
+    scores of transformers' beam search (``WhisperForConditionalGeneration.generate`` with
+    language / task and no timestamps: the fixture suppresses no tokens). EOS is a token this
+    random model emits often (``beam_eos``): three clips' hypotheses end early, where length
+    normalisation and HF's stopping rule choose, and one runs to the length limit, as every
+    clip does with the real EOS (``beam``: checked when the fixture is made, one compilation
+    less here)."""
+    from ftlab.data import audio
+    from ftlab.eval.generate import generate_seq2seq
+
+    ref = json.loads((TINY / "decoding.json").read_text())
+    clips = [audio.read_audio(f, SAMPLE) for f in ref["clips"]]
+    features = audio.log_mel(audio.feature_extractor(TINY), clips, 200)
+    pad = tiny.model.config.pad_token_id
+    for name, eos in (("beam_eos", ref["fake_eos_token_id"]),):
+        out = generate_seq2seq(
+            tiny.model,
+            tiny.params,
+            None,
+            input_features=features,
+            decoder_start_token_id=ref["prefix"],
+            max_new_tokens=ref["max_new_tokens"],
+            num_beams=ref["num_beams"],
+            length_penalty=ref["length_penalty"],
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        np.testing.assert_array_equal(np.asarray(out.tokens), ref[f"{name}_ids"], err_msg=name)
+        np.testing.assert_allclose(np.asarray(out.scores), ref[f"{name}_scores"], atol=1e-5)
+    # beam search chose other ids than greedy decoding would (the comparison is not trivial)
+    assert ref["beam_ids"] != ref["greedy_ids"]
+    assert any(ref["fake_eos_token_id"] in row for row in ref["beam_eos_ids"])
+
+
+def test_scanned_layers_compute_the_unrolled_function_and_train(tiny, ref, forward):
+    """``scan_layers=True`` (with remat): one ``nn.scan`` per stack over ``scan_params``' tree
+    gives the unrolled logits, gradients reach every layer and a step lowers the loss, the
+    tree converts back bit for bit (and exports to the checkpoint's tensors), and cached
+    decoding is refused."""
+    import jax.numpy as jnp
+
+    params = jax.device_get(tiny.params)
+    stacked = scan_params(params)
+    assert set(stacked["encoder"]) == {"conv1", "conv2", "embed_positions", "layers", "layer_norm"}
+    assert stacked["decoder"]["layers"]["fc1"]["kernel"].shape == (2, 32, 64)
+    scanned = tiny.model.clone(scan_layers=True, remat=True)
+    batch = batch_of(ref)
+    boxed = jax.eval_shape(lambda: scanned.init(jax.random.key(0), batch))["params"]
+    shapes = {k: v.shape for k, v in tree.flatten(nn.meta.unbox(boxed)).items()}
+    assert shapes == {k: np.shape(v) for k, v in tree.flatten(stacked).items()}
+    axes = [v.names[0] for k, v in tree.flatten(boxed).items() if "/layers/" in k]
+    assert axes and set(axes) == {"layers"}
+
+    ids = ref["decoder_input_ids"]
+    labels = np.concatenate([ids[:, 1:], np.full((2, 1), -100, ids.dtype)], axis=1)
+
+    def loss(model):
+        def f(p):
+            logits = model.apply({"params": p}, batch, train=True)
+            logp = jax.nn.log_softmax(logits)
+            picked = jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], -1)[..., 0]
+            return -jnp.sum(picked * (labels >= 0)) / jnp.sum(labels >= 0), logits
+
+        return f
+
+    step = jax.jit(jax.value_and_grad(loss(scanned), has_aux=True))
+    (l0, logits), grads = step(stacked)
+    (l1, _), _ = step(jax.tree.map(lambda p, g: p - 0.05 * g, stacked, grads))
+    diff = np.abs(np.asarray(logits) - np.asarray(forward(tiny.params, batch))).max()
+    assert diff < 1e-6, diff
+    # gradients reach every layer of both scanned stacks (not the fixed positions), and train
+    for stack in ("encoder", "decoder"):
+        g = np.asarray(grads[stack]["layers"]["fc1"]["kernel"])
+        assert g.shape[0] == 2 and all(np.abs(g[i]).max() > 1e-4 for i in range(2)), stack
+    assert not np.asarray(grads["encoder"]["embed_positions"]).any()
+    assert float(l1) < float(l0) - 1e-3
+    back = unscan_params(stacked)
+    a, b = tree.flatten(params), tree.flatten(back)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    tensors = hf_tensors(back, tiny.hf_config)
+    original = dict(files.iter_tensors(TINY))
+    assert all(np.array_equal(tensors[k], original[k]) for k in original)
+    with pytest.raises(ValueError, match="decode=True.*scan_layers=False"):
+        init_cache(scanned, 1, 8)
 
 
 def test_export_round_trip_is_bit_exact(tiny, tmp_path):
@@ -351,17 +455,53 @@ def test_wer():
 # -- the recipe ---------------------------------------------------------------------------
 
 
-def test_whisper_asr_runlocal_trains_and_writes_a_wer(tmp_path):
+@pytest.fixture(scope="module")
+def runlocal_run(tmp_path_factory):
+    """The recipe's ``:runlocal`` trained once for the module (its directory)."""
     from ftlab.cli import main
     from ftlab.interop import build
 
     if build.head_for("seq2seq") != "lm":  # the trainer's seq2seq task (shared with T5)
         pytest.skip("the trainer does not run data.task 'seq2seq' yet (interop.build.head_for)")
-    workdir = tmp_path / "run"
+    workdir = tmp_path_factory.mktemp("whisper") / "run"
     config = str(Path(__file__).parent.parent / "configs" / "whisper_asr.py:runlocal")
     assert main(["train", config, "--workdir", str(workdir)]) == 0
+    return workdir
+
+
+def test_whisper_asr_runlocal_trains_and_writes_a_wer(runlocal_run):
+    workdir = runlocal_run
     summary = json.loads((workdir / "summary.json").read_text())
     test = summary["test"]
     assert 0 <= test["wer"] and test["generated_examples"] == 8
     rows = [json.loads(x) for x in (workdir / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(r["audio"].endswith(".wav") and r["reference"] for r in rows)
+
+
+def test_predict_transcribes_audio_files_as_evaluation_did(runlocal_run, tmp_path):
+    """``ftlab predict RUN --input FILE`` on a speech run: a csv of clip paths (relative to
+    the csv, the training data's ``file`` column) gives, per row, the transcript the run's
+    final evaluation wrote for the same clip; a wav file or a folder of them is read too."""
+    from ftlab import saved_run
+    from ftlab.cli import main
+
+    done = [json.loads(x) for x in (runlocal_run / "generations.jsonl").read_text().splitlines()]
+    names = [Path(r["audio"]).name for r in done[:3]]
+    for name in names:
+        (tmp_path / name).symlink_to(SAMPLE / name)
+    (tmp_path / "clips.csv").write_text("file\n" + "\n".join(names) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["predict", str(runlocal_run), "--input", str(tmp_path / "clips.csv")]
+    assert main([*args, "--output", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["row"] for r in rows] == [0, 1, 2]
+    assert [Path(r["audio"]).name for r in rows] == names
+    assert [r["output"] for r in rows] == [r["output"] for r in done[:3]]
+    # an audio file, or a folder of them, is one row per clip (no table needed)
+    cfg = saved_run.load_config(runlocal_run)
+    one = saved_run.file_rows(cfg, tmp_path / names[0], labelled=False, what="--input")
+    assert one.frame["audio"].tolist() == [str(tmp_path / names[0])]
+    folder = saved_run.file_rows(cfg, tmp_path, labelled=False, what="--input")
+    assert folder.frame["audio"].tolist() == sorted(str(tmp_path / n) for n in names)
+    with pytest.raises(saved_run.InputError, match="holds audio files"):
+        saved_run.file_rows(cfg, tmp_path, labelled=True, what="--split")

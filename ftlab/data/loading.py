@@ -193,6 +193,13 @@ def load_dataset(
     the tokenizer to use when ``data.tokenizer`` is empty (the pretrained model's directory).
     """
     splits, task, label_map = source_splits(cfg, arrays=arrays)
+    if task != "seq2seq":  # data.task "auto" never infers text to text
+        for key in ("source_prefix", "target_length"):
+            if cfg.get(key):
+                raise ConfigError(
+                    f"config.data.{key}: only for text-to-text data (data.task 'seq2seq'); "
+                    f"this data is {task!r}"
+                )
     c = cfg.clean
     clean_cfg = {**c.to_dict(), "label_map": label_map}
     standardise_early = bool(cfg.balance.method) and not c.normalise and cfg.scale <= 0
@@ -232,7 +239,13 @@ def load_dataset(
     elif task == "seq2seq":  # text to text (T5): prompt (+ context) -> response
         from ftlab.data.text import text_to_text_dataset
 
-        data = text_to_text_dataset(_frames(splits), tok, cfg.max_length)
+        data = text_to_text_dataset(
+            _frames(splits),
+            tok,
+            cfg.max_length,
+            target_length=cfg.target_length,
+            prefix=cfg.source_prefix,
+        )
     elif text_input:
         data = _text_classification(cfg, splits, tok, list(splits.label_names or []))
     else:

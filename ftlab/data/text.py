@@ -581,9 +581,12 @@ def text_to_text_dataset(
 ) -> Any:
     """A ``seq2seq`` ``Dataset`` of text-to-text columns: each split's ``prompt`` (the source;
     with ``context`` appended after a space when there is one) -> ``response`` (the target),
-    through ``seq2seq_arrays``. Examples are weighted by their target-token count (as
-    language-modelling examples are) and keep their ``prompt`` / ``context`` / ``response``
-    texts, so evaluation by generation can group references by source.
+    through ``seq2seq_arrays`` (``prefix``: ``config.data.source_prefix`` before every source;
+    ``target_length``: ``config.data.target_length``). Examples are weighted by their
+    target-token count (as language-modelling examples are) and keep their ``prompt`` /
+    ``context`` / ``response`` texts, so evaluation by generation can group references by
+    source, and ``source``: the exact text encoded (prefix included), which evaluation by
+    generation encodes again.
 
     ``frames``: ``{"train", "val", "test"}`` data frames (``ftlab.data.loading`` makes them).
     """
@@ -607,6 +610,7 @@ def text_to_text_dataset(
             for c in ("prompt", "context", "response")
             if c in frame.columns
         }
+        kept["source"] = np.asarray([prefix + s for s in sources], dtype=object)
         if not sources:
             empty = seq2seq_arrays(tokenizer, ["x"], ["x"], max_length, target_length)
             arrays = {

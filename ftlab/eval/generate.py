@@ -17,7 +17,9 @@ its tokens do not depend on how much padding the batch needed.
 LoRA (or any ``ftlab.methods.Method``): pass ``adapter=method, trainable=..., frozen=...``
 (``params`` may then be None). The LoRA factors run inside their layers through the method's
 interceptor, unmerged, exactly as ``Method.apply``; ``adapter.merged_params(trainable, frozen)``
-as ``params`` gives the same tokens up to float rounding.
+as ``params`` gives the same tokens up to float rounding. A prompt-tuning adapter's soft prompt
+(``Method.prompt_tokens`` = v) is prepended at the prefill (``prompt_embeds``, see
+``ftlab.models.layers.Decoder``); the cache has v more slots, and there is no merged form.
 """
 
 from __future__ import annotations
@@ -142,7 +144,9 @@ def banned_ngrams(history: jax.Array, valid: jax.Array, filled: jax.Array, n: in
 
 
 def _forward(model, s: _Settings, params, factors):
-    def forward(cache, tokens, tokens_mask):
+    def forward(cache, tokens, tokens_mask, prompt=None):
+        extra = {} if prompt is None else {"prompt_embeds": prompt}  # soft prompt: prefill only
+
         def call():
             return model.apply(
                 {"params": params, "cache": cache},
@@ -150,6 +154,7 @@ def _forward(model, s: _Settings, params, factors):
                 attention_mask=tokens_mask,
                 decode=True,
                 mutable=["cache"],
+                **extra,
             )
 
         if factors is None:
@@ -162,11 +167,14 @@ def _forward(model, s: _Settings, params, factors):
     return forward
 
 
-def _run(model, s: _Settings, params, factors, ids, mask, rng, knobs, prefill=None) -> Generated:
+def _run(
+    model, s: _Settings, params, factors, ids, mask, rng, knobs, prefill=None, prompt=None
+) -> Generated:
     """``prefill(ids, mask) -> (last logits, cache)`` replaces the prompt's pass through a
-    fresh cache (an encoder-decoder primes its cache with the encoder: ``generate_seq2seq``)."""
+    fresh cache (an encoder-decoder primes its cache with the encoder: ``generate_seq2seq``);
+    ``prompt`` (v, embed): a soft prompt (prompt tuning) prepended at the prefill."""
     if s.num_beams > 1:
-        return _beam_search(model, s, params, factors, ids, mask, prefill)
+        return _beam_search(model, s, params, factors, ids, mask, prefill, prompt)
     batch, length = ids.shape
     ids, mask = left_pad(ids, mask)
     eos = jnp.asarray(s.eos if s.eos else (-1,), jnp.int32)
@@ -188,7 +196,8 @@ def _run(model, s: _Settings, params, factors, ids, mask, rng, knobs, prefill=No
         return token, finished | jnp.isin(token, eos), history, valid
 
     if prefill is None:
-        logits, cache = forward(init_cache(model, batch, length + s.max_new_tokens), ids, mask)
+        room = length + s.max_new_tokens + (0 if prompt is None else prompt.shape[0])
+        logits, cache = forward(init_cache(model, batch, room), ids, mask, prompt)
     else:
         logits, cache = prefill(ids, mask)
     finished = jnp.zeros((batch,), bool)
@@ -221,7 +230,9 @@ def _run(model, s: _Settings, params, factors, ids, mask, rng, knobs, prefill=No
     return Generated(tokens, lengths, all_logits if s.return_logits else None)
 
 
-def _beam_search(model, s: _Settings, params, factors, ids, mask, prefill=None) -> Generated:
+def _beam_search(
+    model, s: _Settings, params, factors, ids, mask, prefill=None, prompt=None
+) -> Generated:
     """Hugging Face's (vectorised, transformers >= 4.50) beam search, ``early_stopping=False``.
 
     Each step keeps the ``max(2, 1 + n_eos) * num_beams`` best continuations of all beams; the
@@ -240,7 +251,8 @@ def _beam_search(model, s: _Settings, params, factors, ids, mask, prefill=None) 
     keep = max(2, 1 + len(s.eos)) * k
     neg = jnp.float32(-1.0e9)
     if prefill is None:
-        logits, cache = forward(init_cache(model, rows, length + steps), ids, mask)
+        room = length + steps + (0 if prompt is None else prompt.shape[0])
+        logits, cache = forward(init_cache(model, rows, room), ids, mask, prompt)
     else:
         logits, cache = prefill(ids, mask)
     vocab = logits.shape[-1]
@@ -353,7 +365,8 @@ def generate(
     beam search (greedy method only; see ``_beam_search``) and returns each row's best
     hypothesis; ``no_repeat_ngram_size`` n > 0 bans tokens that would repeat an n-gram of the
     prompt's real tokens and the generated ones (Hugging Face also counts padding tokens). The cache holds
-    ``length + max_new_tokens`` positions (GPT-2: at most ``n_positions``).
+    ``length + max_new_tokens`` positions (GPT-2: at most ``n_positions``), plus the soft
+    prompt's v of a prompt-tuning adapter (prepended at the prefill).
     """
     args = _setup(
         params,
@@ -375,7 +388,8 @@ def generate(
         no_repeat_ngram_size=no_repeat_ngram_size,
         return_logits=return_logits,
     )
-    return _run_jit(model, *args)
+    prompt = adapter.prompt_embeddings(trainable) if getattr(adapter, "prompt_tokens", 0) else None
+    return _run_jit(model, *args, prompt=prompt)
 
 
 def _setup(
@@ -435,7 +449,9 @@ def _setup(
         if trainable is None or frozen is None:
             raise ValueError("generate with an adapter needs its trainable and frozen trees")
         params = adapter.base_params(trainable, frozen)
-        if adapter.lora_targets:
+        # the interceptor runs LoRA factors and dequantises quantised frozen kernels (QLoRA,
+        # or a quantised base with no LoRA at all), as Method.apply installs it
+        if adapter.lora_targets or adapter.quantized:
             by_kernel = adapter.lora_factors(trainable)
             factors = {p.rsplit("/", 1)[0]: f for p, f in by_kernel.items()}
     elif params is None:
@@ -464,12 +480,13 @@ def _setup(
 
 
 def _run_seq2seq(model, s: _Settings, params, factors, source, source_mask, start, rng, knobs):
-    """``_run`` for an encoder-decoder: the decoder prompt is ``start`` (one token a row) and
-    the prefill runs the encoder once, priming every layer's cross-attention keys / values
-    (and the self-attention cache with the start token); beam search repeats the source rows
-    as it repeats the prompts."""
+    """``_run`` for an encoder-decoder: the decoder prompt is ``start`` (a (prefix,) run of
+    tokens, the same for every row: T5's start token, Whisper's forced prefix) and the prefill
+    runs the encoder once, priming every layer's cross-attention keys / values (and the
+    self-attention cache with the prefix); beam search repeats the source rows as it repeats
+    the prompts. ``source``: token ids, or Whisper's log-mel features."""
     batch = source.shape[0]
-    total = 1 + s.max_new_tokens
+    total = start.shape[0] + s.max_new_tokens
 
     def prefill(ids, mask):
         rows = ids.shape[0]
@@ -501,8 +518,8 @@ def _run_seq2seq(model, s: _Settings, params, factors, source, source_mask, star
                 logits, state = call()
         return logits[:, -1].astype(jnp.float32), state["cache"]
 
-    ids = jnp.full((batch, 1), start, jnp.int32)
-    return _run(model, s, params, factors, ids, jnp.ones((batch, 1), bool), rng, knobs, prefill)
+    ids = jnp.broadcast_to(start[None], (batch, start.shape[0]))
+    return _run(model, s, params, factors, ids, jnp.ones(ids.shape, bool), rng, knobs, prefill)
 
 
 _run_seq2seq_jit = jax.jit(_run_seq2seq, static_argnums=(0, 1))
@@ -515,7 +532,7 @@ def generate_seq2seq(
     attention_mask: Any = None,
     *,
     max_new_tokens: int,
-    decoder_start_token_id: int | None = None,
+    decoder_start_token_id: int | Sequence[int] | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     method: str = "greedy",
@@ -530,6 +547,7 @@ def generate_seq2seq(
     length_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
     return_logits: bool = False,
+    input_features: Any = None,
 ) -> Generated:
     """``generate`` for an encoder-decoder (``ftlab.models.t5.T5``): the source
     ``input_ids`` / ``attention_mask`` (either padding) go through the encoder once, the
@@ -537,6 +555,11 @@ def generate_seq2seq(
     ``T5``). Start, EOS and pad ids default to the model config's. Same methods, knobs and
     ``Generated`` as ``generate`` (``tokens``: the new tokens, the start token not included;
     Hugging Face's ``generate`` output is the start token followed by them).
+
+    Whisper (``ftlab.models.whisper.Whisper``): ``input_features`` (batch, mels, frames)
+    replace ``input_ids`` / ``attention_mask``, and ``decoder_start_token_id`` is the forced
+    prefix (``<|startoftranscript|><|en|><|transcribe|><|notimestamps|>``; a sequence of ids
+    is a prefix for any model), which every row starts from.
     """
     cfg = getattr(model, "config", None)
     if decoder_start_token_id is None:
@@ -547,6 +570,11 @@ def generate_seq2seq(
         eos_token_id = getattr(cfg, "eos_token_id", None)
     if pad_token_id is None:
         pad_token_id = getattr(cfg, "pad_token_id", 0) or 0
+    if input_features is not None:  # Whisper: log-mel features, no source mask
+        if input_ids is not None:
+            raise ValueError("generate_seq2seq takes input_ids or input_features, not both")
+        features = jnp.asarray(input_features, jnp.float32)
+        input_ids, attention_mask = np.zeros((features.shape[0], 1), np.int32), None
     s, params, factors, ids, mask, key, knobs = _setup(
         params,
         input_ids,
@@ -567,7 +595,14 @@ def generate_seq2seq(
         no_repeat_ngram_size=no_repeat_ngram_size,
         return_logits=return_logits,
     )
-    start = jnp.int32(decoder_start_token_id)
+    start = jnp.atleast_1d(jnp.asarray(decoder_start_token_id, jnp.int32))
+    if start.ndim != 1 or not start.shape[0]:
+        raise ValueError(
+            f"decoder_start_token_id must be an id or a non-empty run of ids, got shape "
+            f"{start.shape}"
+        )
+    if input_features is not None:
+        ids = features
     return _run_seq2seq_jit(model, s, params, factors, ids, mask, start, key, knobs)
 
 

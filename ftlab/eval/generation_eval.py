@@ -17,7 +17,7 @@ import numpy as np
 from ftlab.data import Split
 from ftlab.data import text as text_lib
 from ftlab.eval import text_metrics
-from ftlab.eval.generate import decode_sources, generate
+from ftlab.eval.generate import decode_sources, generate, generate_seq2seq
 
 
 def grouped_prompts(split: Split, limit: int) -> list[tuple[dict[str, str], list[str]]]:
@@ -164,9 +164,16 @@ def evaluate_seq2seq(
     (``decode_sources``, ``config.eval``'s settings) and scored by BLEU / chrF / ROUGE against
     all of its references (E2E has several per meaning representation), as the causal-LM
     branch scores. Sources are encoded by ``seq2seq_arrays`` to the split's source length,
-    as in training; ``out_file`` gets one JSON line per source (prompt, output, references)."""
+    as in training (the split's ``source`` texts: ``data.source_prefix`` included); ``out_file`` gets one JSON line per source (prompt, output, references)."""
     groups = grouped_prompts(split, cfg.generate_examples)
     sources = [source_text(r["instruction"], r["input"]) for r, _ in groups]
+    if "source" in split.text:  # what training encoded: data.source_prefix included
+        context = split.text.get("context", np.full(len(split), "", object))
+        encoded = {
+            source_text(str(p), str(c)): str(s)
+            for p, c, s in zip(split.text["prompt"], context, split.text["source"])
+        }
+        sources = [encoded.get(s, s) for s in sources]
     width = int(np.shape(split.inputs["input_ids"])[-1])
     ids = encode_sources(tokenizer, sources, width)
     hypotheses = decode_sources(model, method, trainable, frozen, ids, tokenizer, cfg)
@@ -188,14 +195,18 @@ def transcribe(
     tokenizer: Any,
     batch_size: int,
     max_new_tokens: int,
+    *,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
 ) -> list[str]:
-    """Greedy transcripts of log-mel ``features`` (n, mels, frames) by a Whisper model with
-    the cache, after the tokenizer's forced prefix (``<|startoftranscript|><|en|>
-    <|transcribe|><|notimestamps|>``), in fixed-size batches (one compilation)."""
-    from ftlab.models.whisper import greedy_decode
-
+    """Transcripts of log-mel ``features`` (n, mels, frames) by a Whisper model with the
+    cache, after the tokenizer's forced prefix (``<|startoftranscript|><|en|>
+    <|transcribe|><|notimestamps|>``): greedy, or Hugging Face's beam search with
+    ``num_beams`` > 1 (``generate_seq2seq``), in fixed-size batches (one compilation)."""
     prefix = list(tokenizer.prefix_tokens)
     eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     room = model.config.max_target_positions - len(prefix)
     steps = max(1, min(int(max_new_tokens), room))
     texts: list[str] = []
@@ -203,8 +214,21 @@ def transcribe(
         chunk = np.asarray(features[start : start + batch_size], np.float32)
         batch = np.zeros((batch_size, *chunk.shape[1:]), np.float32)
         batch[: len(chunk)] = chunk
-        ids = np.asarray(greedy_decode(model, params, batch, prefix, steps, eos_token_id=eos))
-        for row in ids[: len(chunk), len(prefix) :].tolist():
+        out = generate_seq2seq(
+            model,
+            params,
+            None,
+            input_features=batch,
+            max_new_tokens=steps,
+            decoder_start_token_id=prefix,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            num_beams=int(num_beams),
+            length_penalty=float(length_penalty),
+            no_repeat_ngram_size=int(no_repeat_ngram_size),
+        )
+        tokens = np.asarray(out.tokens)
+        for row in tokens[: len(chunk)].tolist():
             row = row[: row.index(eos)] if eos in row else row
             texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return texts
@@ -220,13 +244,24 @@ def evaluate_transcription(
     cfg: Any,
     out_file: Path | None = None,
 ) -> dict[str, float]:
-    """Transcribe up to ``cfg.generate_examples`` clips of ``split`` (greedy, LoRA merged) and
+    """Transcribe up to ``cfg.generate_examples`` clips of ``split`` (LoRA merged; greedy, or
+    beam search with ``cfg.num_beams`` > 1, as T5's evaluation decodes) and
     score the word error rate (``text_metrics.wer``, lower is better) against their
     transcripts; ``out_file`` gets one JSON line per clip (audio, output, reference)."""
     n = min(int(cfg.generate_examples), len(split))
     params = method.merged_params(trainable, frozen)
     features = split.inputs["input_features"][:n]
-    hypotheses = transcribe(model, params, features, tokenizer, cfg.batch_size, cfg.max_new_tokens)
+    hypotheses = transcribe(
+        model,
+        params,
+        features,
+        tokenizer,
+        cfg.batch_size,
+        cfg.max_new_tokens,
+        num_beams=cfg.get("num_beams", 1),
+        length_penalty=cfg.get("length_penalty", 1.0),
+        no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0),
+    )
     references = [str(t) for t in split.text["text"][:n]]
     scores = {"wer": text_metrics.wer(hypotheses, references), "generated_examples": n}
     if out_file is not None:

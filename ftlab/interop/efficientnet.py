@@ -6,6 +6,12 @@ the rows are templates that hold for every configuration; a block without expans
 no ``expand_*`` tensors. BatchNorm running statistics travel in ``batch_stats``; on export each
 BatchNorm also gets the int64 ``num_batches_tracked`` PyTorch saves (0: ftlab does not count
 batches, and PyTorch reads it only with ``momentum=None``, which HF's EfficientNet does not use).
+
+A ``scan_layers=True`` model's trees (each stage's later blocks stacked as
+``blocks_<first>_to_<last>``, in ``params`` and ``batch_stats``) convert as the decoders' do
+with ``stack_layers``: import the per-block model, then ``stack_blocks(tree, model)`` per
+collection; before export, ``unstack_blocks(tree)`` (``ftlab.models.efficientnet``) gives back
+the per-block trees this table names, bit for bit.
 """
 
 from __future__ import annotations

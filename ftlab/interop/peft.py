@@ -495,7 +495,14 @@ def export_method_adapter(
 ) -> Path:
     """``export_peft_adapter`` for a LoRA ``Method``: its factors, spec and, with
     ``save_trained``, its fully trained leaves (e.g. a new head) as ``modules_to_save``.
-    A DoRA or IA3 method is written by ``ftlab.interop.peft_scaling``."""
+    A DoRA or IA3 method is written by ``ftlab.interop.peft_scaling``, a prompt-tuning one
+    by ``ftlab.interop.peft_prompt``."""
+    if getattr(method, "prompt_tokens", 0):
+        from ftlab.interop.peft_prompt import export_prompt_adapter
+
+        return export_prompt_adapter(
+            directory, method, trainable, frozen, hf_config, save_trained=save_trained, **kwargs
+        )
     if getattr(method, "dora_targets", ()) or getattr(method, "ia3_targets", ()):
         from ftlab.interop.peft_scaling import export_scaled_adapter
 

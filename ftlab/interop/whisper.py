@@ -5,6 +5,11 @@ encoder's sinusoidal ``embed_positions`` are a parameter on both sides (HF saves
 output projection ``proj_out`` is tied to ``decoder.embed_tokens`` (not saved) unless the config
 unties it. Names carry ``model.`` in ``WhisperForConditionalGeneration`` and none in a bare
 ``WhisperModel``.
+
+The table names the per-layer tree (``encoder/layers_<i>``, ``decoder/layers_<i>``). A
+``Whisper(scan_layers=True)`` tree converts to it and back with
+``ftlab.models.whisper.unscan_params`` / ``scan_params``, bit for bit: import, then
+``scan_params``; ``unscan_params``, then export.
 """
 
 from __future__ import annotations

@@ -20,6 +20,11 @@ the frozen kernels listed in ``Method.quantized`` are stored in the frozen tree 
 ``ftlab.methods.quantize.QuantizedArray`` leaves (packed codes + float32 scales, at the
 kernel's own path) and dequantised inside each layer's call; LoRA factors and any
 ``method.trainable`` leaves train on top in float32.
+
+Prompt tuning (``method.name = "prompt"``, ``ftlab.methods.prompt``): one extra trainable leaf
+``"prompt": {"embeddings": (v, embed)}`` (``Method.prompt_tokens`` = v), passed by ``apply``
+to the decoder as ``prompt_embeds`` (prepended to the token embeddings, sliced off the
+outputs). It merges into no weight: ``merged_params`` (the exported plain model) is the base.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from ftlab.config import ConfigError
 from ftlab.methods import dora as dora_lib
 from ftlab.methods import ia3 as ia3_lib
 from ftlab.methods import lora as lora_lib
+from ftlab.methods import prompt as prompt_lib
 from ftlab.methods import quantize as quant_lib
 from ftlab.methods import select
 from ftlab.methods.lora import LoraSpec
@@ -53,9 +59,15 @@ class Method:
     quantize: str = "none"  # frozen kernels in ``quantized`` are stored as: none | int8 | nf4
     quantized: tuple[str, ...] = ()  # frozen kernel paths stored quantised
     quantize_block: int = quant_lib.BLOCK  # NF4 block size along the fan-in axis
+    quantize_double: bool = False  # NF4's block absmax quantised too (QLoRA's double quant)
     dora_targets: tuple[str, ...] = ()  # kernels adapted by DoRA (LoRA factors + magnitude)
     ia3_targets: tuple[str, ...] = ()  # kernels scaled by IA3 vectors
     ia3_input: tuple[str, ...] = ()  # of those, the ones scaled on the input side
+    prompt_tokens: int = 0  # prompt tuning: virtual tokens of the soft prompt (0: none)
+    prompt_init: str = "random"  # its init: random | vocab | text (ftlab.methods.prompt)
+    prompt_source: str = ""  # the token embedding path (width; rows copied by vocab / text)
+    prompt_init_ids: tuple[int, ...] = ()  # text init: the token ids copied
+    prompt_init_text: str = ""  # text init: the text (PEFT's prompt_tuning_init_text)
 
     def _store_frozen(self, value: Any) -> Any:
         if self.frozen_dtype == "float32" or not jnp.issubdtype(value.dtype, jnp.floating):
@@ -85,7 +97,7 @@ class Method:
         frozen = tree.unflatten(
             {
                 p: (
-                    quant_lib.quantize(v, self.quantize, self.quantize_block)
+                    quant_lib.quantize(v, self.quantize, self.quantize_block, self.quantize_double)
                     if p in quantized
                     else self._store_frozen(v)
                 )
@@ -95,6 +107,15 @@ class Method:
         )
         if self.dora_targets or self.ia3_targets:
             trainable.update(self._init_scaling(flat, tree.flatten(frozen)))
+        if self.prompt_tokens:
+            prompt = prompt_lib.init_embeddings(
+                flat[self.prompt_source],
+                self.prompt_tokens,
+                self.prompt_init,
+                jax.random.fold_in(rng, 1 << 20),
+                self.prompt_init_ids,
+            )
+            trainable["prompt"] = {"embeddings": prompt}
         return trainable, frozen
 
     def _init_scaling(self, flat: Mapping, flat_frozen: Mapping) -> dict:
@@ -145,9 +166,14 @@ class Method:
         flat = tree.flatten(trainable.get("lora", {}))
         return {p: {"a": flat[f"{p}/a"], "b": flat[f"{p}/b"]} for p in self.lora_targets}
 
+    def prompt_embeddings(self, trainable: Mapping) -> jax.Array | None:
+        """The soft prompt (v, embed) of prompt tuning, else None."""
+        return prompt_lib.embeddings(trainable) if self.prompt_tokens else None
+
     def merged_params(self, trainable: Mapping, frozen: Mapping) -> dict:
         """Base parameters with LoRA folded in: a plain model tree for export and evaluation
-        (frozen leaves stored in a smaller dtype come back as float32, the parameters' dtype)."""
+        (frozen leaves stored in a smaller dtype come back as float32, the parameters' dtype).
+        A soft prompt (prompt tuning) folds into no weight: it is not in this tree."""
         flat = quant_lib.dequantize_flat(tree.flatten(self.base_params(trainable, frozen)))
         if self.frozen_dtype != "float32":
             flat = {
@@ -176,9 +202,12 @@ class Method:
 
         ``model_state`` holds the model's other collections (BatchNorm ``batch_stats``);
         with ``update_state`` (training) it returns ``(outputs, updated model_state)``.
-        ``model_kwargs`` go to the model's call (``return_hidden=True``).
+        ``model_kwargs`` go to the model's call (``return_hidden=True``); prompt tuning adds
+        ``prompt_embeds`` (the soft prompt).
         """
         params = self.base_params(trainable, frozen)
+        if self.prompt_tokens:
+            model_kwargs["prompt_embeds"] = self.prompt_embeddings(trainable)
         model_state = dict(model_state or {})
         rngs = {"dropout": jax.random.fold_in(rng, 0)} if (train and rng is not None) else {}
         mutable = list(model_state) if update_state else False
@@ -202,12 +231,16 @@ class Method:
 
     # -- reporting ------------------------------------------------------------------------
     def summary(self, trainable: Mapping, frozen: Mapping) -> str:
-        n_train = tree.count(trainable)
+        """One line: the model's trainable share (the student's, for distillation: a learned
+        hidden-state projection, ``trainable["distill"]``, is named apart), the methods."""
+        extra = tree.count(trainable["distill"]) if "distill" in trainable else 0
+        n_train = tree.count(trainable) - extra
         n_total = tree.count(frozen) + tree.count(trainable["params"])
         parts = [
             (
                 f"method {self.name}: trainable {n_train:,} / {n_total:,} parameters "
                 f"({100.0 * n_train / max(n_total, 1):.2f}%)"
+                + (f" + distill projection {extra:,}" if extra else "")
             )
         ]
         if self.trained:
@@ -229,11 +262,17 @@ class Method:
                     f"{p} ({'in' if p in self.ia3_input else 'out'})" for p in self.ia3_targets
                 )
             )
+        if self.prompt_tokens:
+            dim = int(self.prompt_embeddings(trainable).shape[-1])
+            parts.append(
+                f"prompt: {self.prompt_tokens} virtual tokens x {dim} (init {self.prompt_init})"
+            )
         if self.quantized:
             kinds = (
                 "int8 per output channel"
                 if self.quantize == "int8"
                 else f"nf4, blocks of {self.quantize_block}"
+                + (" (absmax double-quantised)" if self.quantize_double else "")
             )
             parts.append(f"frozen kernels {kinds}: {len(self.quantized)} kernels")
         return " | ".join(parts)
@@ -250,15 +289,19 @@ def frozen_dtype(name: str, backend: str | None = None) -> str:
     return name
 
 
-def build_method(cfg: mc.ConfigDict, params: Mapping, backend: str | None = None) -> Method:
+def build_method(
+    cfg: mc.ConfigDict, params: Mapping, backend: str | None = None, tokenizer: Any = None
+) -> Method:
     """Resolve ``config.method`` against the model's parameter paths (errors name the key);
-    ``backend`` resolves ``frozen_dtype = "auto"`` (default: this process's backend)."""
+    ``backend`` resolves ``frozen_dtype = "auto"`` (default: this process's backend);
+    ``tokenizer`` (the run's) tokenises prompt tuning's ``init_text``."""
     flat = tree.flatten(params)
     paths = sorted(flat)
     trained = select.by_regexes(paths, cfg.trainable, "method.trainable")
     lora_targets: list[str] = []
     ia3_targets: tuple[str, ...] = ()
     ia3_input: tuple[str, ...] = ()
+    prompt: dict[str, Any] = {}
     spec = None
     if cfg.name == "full":
         trained = set(paths)
@@ -298,6 +341,8 @@ def build_method(cfg: mc.ConfigDict, params: Mapping, backend: str | None = None
         ia3_targets, ia3_input = ia3_lib.select_targets(
             tuple(ia3.get("targets", ())), tuple(ia3.get("feedforward", ())), flat, trained
         )
+    elif cfg.name == "prompt":
+        prompt = _prompt_fields(cfg.get("prompt") or {}, paths, tokenizer)
     elif cfg.name != "frozen":
         raise ConfigError(f"config.method.name: unknown method {cfg.name!r}")
     dora = bool(spec is not None and cfg.lora.get("dora", False))
@@ -327,6 +372,14 @@ def build_method(cfg: mc.ConfigDict, params: Mapping, backend: str | None = None
     block = int(cfg.get("quantize_block", quant_lib.BLOCK))
     if block < 1:
         raise ConfigError(f"config.method.quantize_block: must be >= 1, got {block}")
+    double = cfg.get("quantize_double", False)
+    if not isinstance(double, bool):
+        raise ConfigError(f"config.method.quantize_double: must be True or False, got {double!r}")
+    if double and qtype != "nf4":
+        raise ConfigError(
+            f"config.method.quantize_double: double quantisation compresses NF4's block absmax; "
+            f"method.quantize is {qtype!r} (set it to 'nf4', or quantize_double to False)"
+        )
     return Method(
         cfg.name,
         tuple(sorted(trained)),
@@ -336,10 +389,37 @@ def build_method(cfg: mc.ConfigDict, params: Mapping, backend: str | None = None
         qtype,
         tuple(quantized),
         block,
+        double,
         dora_targets=tuple(lora_targets) if dora else (),
         ia3_targets=ia3_targets,
         ia3_input=ia3_input,
+        **prompt,
     )
+
+
+def _prompt_fields(p: Mapping, paths: list[str], tokenizer: Any) -> dict[str, Any]:
+    """``Method`` fields of ``config.method.prompt`` (prompt tuning); errors name the key."""
+    source = prompt_lib.embedding_path(paths)
+    num = p.get("num_virtual_tokens", 0)
+    if isinstance(num, bool) or not isinstance(num, int) or num <= 0:
+        raise ConfigError(
+            f"config.method.prompt.num_virtual_tokens: must be an integer > 0, got {num!r}"
+        )
+    init = p.get("init", "random")
+    if init not in prompt_lib.INITS:
+        raise ConfigError(
+            f"config.method.prompt.init: {init!r}; choose {', '.join(prompt_lib.INITS)}"
+        )
+    ids: tuple[int, ...] = ()
+    if init == "text":
+        ids = prompt_lib.tokenize_init_text(p.get("init_text", ""), tokenizer, num)
+    return {
+        "prompt_tokens": num,
+        "prompt_init": init,
+        "prompt_source": source,
+        "prompt_init_ids": ids,
+        "prompt_init_text": p.get("init_text", "") if init == "text" else "",
+    }
 
 
 def quantize_type(method_name: str, name: str) -> str:

@@ -13,6 +13,15 @@ result packed and runs it inside ftlab's layers:
   a kernel costs 4 bits + 32 / 64 bits = 0.5625 bytes per weight as XLA allocates it (no
   double quantisation). A fan-in that 64 does not divide uses its largest divisor <= 64 (a
   width-32 test model: one block per column).
+- **nf4 with double quantisation** (``double=True``, ``method.quantize_double``; QLoRA
+  section 3): the NF4 codes are the same (chosen with the exact absmax), and the float32
+  absmax of every block is itself quantised: their mean is subtracted (``offset``, one float32
+  per kernel) and the rest, taken in bitsandbytes' order (each output channel's blocks in
+  turn) in groups of ``DOUBLE_BLOCK`` (256), is stored as 8-bit floats (``float8_e4m3fn``
+  held as their ``uint8`` bits in ``scale``, so checkpoints and safetensors store plain
+  bytes) with a float32 ``scale2`` per group (the group's absmax / 448, E4M3's largest
+  value). The absmax costs 8 / 64 + 32 / (64 * 256) bits per weight instead of 32 / 64: a
+  kernel costs 4.127 bits = 0.5159 bytes per weight instead of 0.5625.
 
 Kernels with more than two dims (convolutions) are quantised as their ``(fan-in, out)``
 matrix. ``QuantizedArray`` keeps the kernel's shape, so ``tree.count`` counts the weights it
@@ -46,6 +55,8 @@ import numpy as np
 
 QTYPES = ("int8", "nf4")
 BLOCK = 64  # NF4 block size (QLoRA, bitsandbytes)
+DOUBLE_BLOCK = 256  # double quantisation: absmax values per 8-bit float block (QLoRA)
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 
 # The 16 NF4 levels (QLoRA Appendix E; bitsandbytes), as qwix holds them.
 NF4_LEVELS = (
@@ -78,12 +89,19 @@ def nf4_levels() -> np.ndarray:
 @flax.struct.dataclass
 class QuantizedArray:
     """A kernel stored quantised: ``qvalue`` (int8, or uint8 holding two NF4 codes), ``scale``
-    (float32) and the kernel's own ``shape``; ``dequantize`` gives the kernel back."""
+    (float32; double-quantised NF4: the uint8 bits of 8-bit floats, with ``scale2`` and
+    ``offset``) and the kernel's own ``shape``; ``dequantize`` gives the kernel back."""
 
     qvalue: jax.Array
     scale: jax.Array
     qtype: str = flax.struct.field(pytree_node=False)
     shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
+    scale2: jax.Array | None = None  # double quantisation: float32 per group of 256 absmax
+    offset: jax.Array | None = None  # double quantisation: the mean absmax, float32 ()
+
+    @property
+    def double(self) -> bool:
+        return self.scale2 is not None
 
     @property
     def dtype(self):  # what it dequantises to
@@ -100,10 +118,8 @@ class QuantizedArray:
     @property
     def nbytes(self) -> int:
         """Bytes of the stored arrays (packed codes + scales)."""
-        return int(
-            np.prod(self.qvalue.shape) * np.dtype(self.qvalue.dtype).itemsize
-            + np.prod(self.scale.shape) * np.dtype(self.scale.dtype).itemsize
-        )
+        arrays = [a for a in (self.qvalue, self.scale, self.scale2, self.offset) if a is not None]
+        return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays))
 
 
 def is_quantized(x: Any) -> bool:
@@ -137,13 +153,52 @@ def unpack_nibbles(packed: jax.Array, rows: int) -> jax.Array:
     return codes[:rows]
 
 
-def quantize(w: jax.Array, qtype: str, block: int = BLOCK) -> QuantizedArray:
-    """``w`` (a kernel, >= 2 dims) quantised by qwix and packed (see the module docstring)."""
+def quantize(w: jax.Array, qtype: str, block: int = BLOCK, double: bool = False) -> QuantizedArray:
+    """``w`` (a kernel, >= 2 dims) quantised by qwix and packed (see the module docstring);
+    ``double`` (NF4 only) quantises the blocks' absmax too."""
     if qtype not in QTYPES:
         raise ValueError(f"quantisation {qtype!r}: choose one of {', '.join(QTYPES)}")
     if np.ndim(w) < 2:
         raise ValueError(f"only kernels (>= 2 dims) are quantised, got shape {np.shape(w)}")
-    return _quantize(jnp.asarray(w, jnp.float32), qtype, block)
+    if double and qtype != "nf4":
+        raise ValueError(f"double quantisation applies to nf4, not {qtype}")
+    q = _quantize(jnp.asarray(w, jnp.float32), qtype, block)
+    return double_quantize(q) if double else q
+
+
+@jax.jit
+def _double(scale: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(blocks, out) float32 absmax -> (8-bit float bits (blocks, out) uint8, float32 scale per
+    group of ``DOUBLE_BLOCK``, float32 mean)."""
+    offset = jnp.mean(scale)
+    flat = (scale - offset).T.reshape(-1)  # bitsandbytes' order: each channel's blocks
+    n = flat.shape[0]
+    groups = -(-n // DOUBLE_BLOCK)
+    padded = jnp.pad(flat, (0, groups * DOUBLE_BLOCK - n)).reshape(groups, DOUBLE_BLOCK)
+    scale2 = jnp.max(jnp.abs(padded), axis=1) / E4M3_MAX
+    safe = jnp.where(scale2 > 0, scale2, 1.0)
+    codes = (padded / safe[:, None]).astype(jnp.float8_e4m3fn)
+    bits = jax.lax.bitcast_convert_type(codes, jnp.uint8).reshape(-1)[:n]
+    return bits.reshape(scale.shape[::-1]).T, scale2, offset
+
+
+def double_quantize(q: QuantizedArray) -> QuantizedArray:
+    """An NF4 ``q`` with its float32 absmax quantised to 8-bit floats (see the module doc)."""
+    if q.qtype != "nf4" or q.double:
+        raise ValueError("double quantisation applies once, to an nf4 kernel")
+    bits, scale2, offset = _double(q.scale)
+    return q.replace(scale=bits, scale2=scale2, offset=offset)
+
+
+def absmax(q: QuantizedArray) -> jax.Array:
+    """``q``'s float32 scales (the int8 step, NF4's block absmax; double-quantised: decoded)."""
+    if not q.double:
+        return q.scale
+    codes = jax.lax.bitcast_convert_type(q.scale.T.reshape(-1), jnp.float8_e4m3fn)
+    n = codes.shape[0]
+    group = jnp.repeat(q.scale2, DOUBLE_BLOCK)[:n]
+    values = codes.astype(jnp.float32) * group + q.offset
+    return values.reshape(q.scale.shape[::-1]).T
 
 
 @functools.partial(jax.jit, static_argnames=("qtype", "block"))
@@ -169,7 +224,7 @@ def dequantize(q: QuantizedArray, dtype: Any = jnp.float32) -> jax.Array:
 def _dequantize(q: QuantizedArray, dtype: Any) -> jax.Array:
     import qwix
 
-    scale = q.scale.astype(dtype)
+    scale = absmax(q).astype(dtype)
     if q.qtype == "int8":
         return qwix.dequantize(qwix.QArray(q.qvalue, scale, None, jnp.int8)).reshape(q.shape)
     # NF4: the code book looked up with a 16-way select, then times each block's absmax. Not
@@ -192,6 +247,8 @@ def error_bound(q: QuantizedArray) -> jax.Array:
     rows = math.prod(q.shape[:-1])
     if q.qtype == "int8":
         half = q.scale / 2
+    elif q.double:  # the codes were chosen with the exact absmax: add what decoding it moved
+        raise ValueError("error_bound: a double-quantised kernel has no per-weight bound here")
     else:
         half = q.scale * (float(np.max(np.diff(nf4_levels()))) / 2)
     return jnp.repeat(half, rows // half.shape[0], axis=0)
@@ -200,10 +257,12 @@ def error_bound(q: QuantizedArray) -> jax.Array:
 # -- trees --------------------------------------------------------------------------------------
 
 
-def quantize_flat(flat: Mapping[str, Any], paths, qtype: str, block: int = BLOCK) -> dict:
+def quantize_flat(
+    flat: Mapping[str, Any], paths, qtype: str, block: int = BLOCK, double: bool = False
+) -> dict:
     """``flat`` with the leaves at ``paths`` quantised."""
     chosen = set(paths)
-    return {p: quantize(v, qtype, block) if p in chosen else v for p, v in flat.items()}
+    return {p: quantize(v, qtype, block, double) if p in chosen else v for p, v in flat.items()}
 
 
 def dequantize_flat(flat: Mapping[str, Any], dtype: Any = jnp.float32) -> dict:
@@ -260,6 +319,10 @@ def to_tensors(flat: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str
             tensors[f"{path}.qvalue"] = np.asarray(v.qvalue)
             tensors[f"{path}.scale"] = np.asarray(v.scale)
             kinds[path] = [v.qtype, list(v.shape)]
+            if v.double:  # the 8-bit scales' own scales and mean
+                tensors[f"{path}.scale2"] = np.asarray(v.scale2)
+                tensors[f"{path}.offset"] = np.asarray(v.offset).reshape(1)
+                kinds[path].append("double")
         else:
             tensors[path] = np.asarray(v)
     return tensors, {"ftlab.quantized": json.dumps(kinds, sort_keys=True)}
@@ -271,12 +334,14 @@ def from_tensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str])
 
     kinds = json.loads((metadata or {}).get("ftlab.quantized", "{}"))
     flat = {}
-    for path, (qtype, shape) in kinds.items():
+    for path, (qtype, shape, *double) in kinds.items():
         flat[path] = QuantizedArray(
             jnp.asarray(tensors[f"{path}.qvalue"]),
             jnp.asarray(tensors[f"{path}.scale"]),
             qtype,
             tuple(shape),
+            jnp.asarray(tensors[f"{path}.scale2"]) if double else None,
+            jnp.asarray(tensors[f"{path}.offset"]).reshape(()) if double else None,
         )
     for name, value in tensors.items():
         base = name.rsplit(".", 1)[0]

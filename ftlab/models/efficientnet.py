@@ -44,7 +44,16 @@ Parameter paths (blocks numbered across the network, as HF's ``encoder.blocks.<i
 
 Logical axis names ``conv_in``, ``conv_out``, ``embed``, ``classes`` (``None`` on spatial axes
 and a depthwise kernel's input axis). ``remat`` recomputes each block in the backward pass.
-The blocks differ in shape, so there is no ``scan_layers``.
+
+``scan_layers=True``: within a stage the blocks after the first have identical shapes; where
+there are two or more (``EfficientNet.scanned_runs``) they run as one ``nn.scan`` (one compiled
+block) named ``blocks_<first>_to_<last>``, whose ``params`` *and* ``batch_stats`` leaves lead
+with an axis over those blocks (logical name ``layers``). Each block still draws its own
+drop-connect mask (a ``dropout`` key per block) at its own rate (the rates are a scanned
+input), so masks differ from the unrolled model's but follow the same law; in evaluation the
+two compute the same function. ``stack_blocks(tree, model)`` / ``unstack_blocks(tree)``
+convert each collection to and from the per-block tree that Hugging Face import and export
+use (bit for bit).
 
 ``__call__`` returns logits when ``num_labels > 0``, else the pooled features.
 """
@@ -53,15 +62,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ftlab.models.images import to_nhwc
-from ftlab.models.layers import activation, hf_fields, layer_stack
+from ftlab.models.layers import SCAN_AXIS, activation, hf_fields, layer_stack, remat_policy
 
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # kaiming, as timm
 DEPTHWISE_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # fan k*k
@@ -151,7 +162,11 @@ class MBConv(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, drop_rate: jax.Array | None = None
+    ) -> jax.Array:
+        """``drop_rate`` (a traced scalar, the scanned stack's per-block rate) replaces the
+        field's rate; the field then only says whether any block of the stack drops (> 0)."""
         act = activation(self.hidden_act)
         h = x
         width = self.in_dim * self.expand_ratio
@@ -190,10 +205,108 @@ class MBConv(nn.Module):
                 f"{', '.join(DROP_CONNECT_MODES)}"
             )
         per_example = self.drop_connect_mode == "per_example"
-        h = nn.Dropout(
-            self.drop_rate, broadcast_dims=(1, 2, 3) if per_example else (), deterministic=not train
-        )(h)
+        if drop_rate is None:
+            h = nn.Dropout(
+                self.drop_rate,
+                broadcast_dims=(1, 2, 3) if per_example else (),
+                deterministic=not train,
+            )(h)
+        elif train and self.drop_rate > 0:  # nn.Dropout's computation at a traced rate
+            keep = 1.0 - jnp.asarray(drop_rate, jnp.float32)
+            shape = (h.shape[0], 1, 1, 1) if per_example else h.shape
+            mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+            h = jnp.where(mask, h / jnp.maximum(keep, 1e-6).astype(h.dtype), 0).astype(h.dtype)
         return h + x
+
+
+class ScannedMBConv(MBConv):
+    """``MBConv`` as ``nn.scan``'s body: ``(x, drop_rate, train) -> (y, None)`` with the
+    block's drop-connect rate a scanned input (``train`` positional, static under remat)."""
+
+    def __call__(self, x: jax.Array, drop_rate: jax.Array, train: bool):  # type: ignore[override]
+        return MBConv.__call__(self, x, train=train, drop_rate=drop_rate), None
+
+
+def mbconv_scan(length: int, remat: bool | str = False) -> type[nn.Module]:
+    """One ``nn.scan`` over ``length`` identical ``MBConv`` blocks (a stage's blocks after its
+    first), called ``(x, drop_rates (length,), train)`` and returning ``(x, None)``: ``params``
+    and ``batch_stats`` leaves stacked on a leading axis (logical name ``SCAN_AXIS``), a fresh
+    ``dropout`` key per block, each block's drop-connect rate read from ``drop_rates``."""
+    recompute, policy = remat_policy(remat)
+    body: Any = ScannedMBConv
+    if recompute:  # self, x, drop_rate, train: train is static
+        body = nn.remat(body, static_argnums=(3,), prevent_cse=False, policy=policy)
+    return nn.scan(
+        body,
+        variable_axes={"params": 0, "batch_stats": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(0, nn.broadcast),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: SCAN_AXIS},
+    )
+
+
+SCANNED = re.compile(r"blocks_(\d+)_to_(\d+)")  # a scanned run of blocks: blocks_<first>_to_<last>
+
+
+def scanned_name(first: int, last: int) -> str:
+    return f"blocks_{first}_to_{last}"
+
+
+def _stack(leaves: Sequence[Any]) -> Any:
+    numpy = all(isinstance(v, np.ndarray | np.generic) for v in leaves)
+    return (np if numpy else jnp).stack(leaves)
+
+
+def stack_blocks(tree: Mapping[str, Any], model: EfficientNet) -> dict[str, Any]:
+    """One collection of an unrolled EfficientNet (``params`` or ``batch_stats``: plain
+    arrays, ``block_<i>`` subtrees) -> the tree ``model.clone(scan_layers=True)`` takes: each
+    run ``model.scanned_runs()`` names becomes one ``blocks_<first>_to_<last>`` subtree whose
+    leaves are the blocks' leaves stacked on a new leading axis (numpy stays numpy). Other
+    entries are kept as they are."""
+    out = dict(tree)
+    for run in model.scanned_runs():
+        names = [f"block_{i}" for i in run]
+        missing = [n for n in names if n not in tree]
+        if missing:
+            raise ValueError(f"stack_blocks: the tree has no {', '.join(missing)}")
+        structure = jax.tree.structure(tree[names[0]])
+        for n in names[1:]:
+            if jax.tree.structure(tree[n]) != structure:
+                raise ValueError(f"stack_blocks: {n} and {names[0]} hold different leaves")
+            shapes = jax.tree.map(np.shape, (tree[n], tree[names[0]]))
+            if shapes[0] != shapes[1]:
+                raise ValueError(f"stack_blocks: {n} and {names[0]} differ in shape")
+        out[scanned_name(run[0], run[-1])] = jax.tree.map(
+            lambda *xs: _stack(xs), *(tree[n] for n in names)
+        )
+        for n in names:
+            del out[n]
+    return out
+
+
+def unstack_blocks(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of ``stack_blocks``: every ``blocks_<first>_to_<last>`` subtree (leading
+    axis ``last - first + 1``) -> ``block_<first> .. block_<last>`` (the paths Hugging Face's
+    names and method regexes use). Needs no model: the names say which blocks."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        m = SCANNED.fullmatch(key)
+        if not m:
+            out[key] = value
+            continue
+        first, last = int(m.group(1)), int(m.group(2))
+        sizes = {np.shape(v)[0] if np.ndim(v) else None for v in jax.tree.leaves(value)}
+        if sizes != {last - first + 1}:
+            raise ValueError(
+                f"unstack_blocks: leaves of {key!r} lead with {sorted(map(str, sizes))}, not "
+                f"{last - first + 1} blocks"
+            )
+        for j, i in enumerate(range(first, last + 1)):
+            if f"block_{i}" in tree:
+                raise ValueError(f"unstack_blocks: the tree holds both {key!r} and block_{i}")
+            out[f"block_{i}"] = jax.tree.map(lambda v, j=j: v[j], value)
+    return out
 
 
 class EfficientNet(nn.Module):
@@ -224,6 +337,7 @@ class EfficientNet(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool | str = False  # recompute each block in the backward pass: True/"full", "dots"
+    scan_layers: bool = False  # each stage's 2+ blocks after its first as one nn.scan
 
     HF_FIELDS = (
         "width_coefficient",
@@ -311,6 +425,20 @@ class EfficientNet(nn.Module):
                 )
         return out
 
+    def scanned_runs(self) -> list[list[int]]:
+        """The block indices ``scan_layers=True`` runs as one ``nn.scan`` each: per stage, the
+        blocks after the first (same shapes, all residual) when there are two or more."""
+        runs: list[list[int]] = []
+        stage: list[int] = []
+        for spec in self.blocks() + [None]:
+            if spec is None or not spec.residual:  # a stage's first block (or the end)
+                if len(stage) >= 2:
+                    runs.append(stage)
+                stage = []
+            else:
+                stage.append(spec.index)
+        return runs
+
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         top = self.top_dim
@@ -331,19 +459,32 @@ class EfficientNet(nn.Module):
         block = layer_stack(
             MBConv, 1, num_broadcast=0, scan=False, remat=self.remat, train_keyword=True
         )
-        for spec in self.blocks():
+        shared = {
+            "squeeze_expansion_ratio": self.squeeze_expansion_ratio,
+            "hidden_act": self.hidden_act,
+            "norm_eps": self.batch_norm_eps,
+            "norm_momentum": norm_momentum,
+            "drop_connect_mode": self.drop_connect_mode,
+            "dtype": self.dtype,
+            "param_dtype": self.param_dtype,
+        }
+        specs = self.blocks()
+        runs = {run[0]: run for run in self.scanned_runs()} if self.scan_layers else {}
+        i = 0
+        while i < len(specs):
+            spec = specs[i]
             fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "index"}
-            x = block(
-                **fields,
-                squeeze_expansion_ratio=self.squeeze_expansion_ratio,
-                hidden_act=self.hidden_act,
-                norm_eps=self.batch_norm_eps,
-                norm_momentum=norm_momentum,
-                drop_connect_mode=self.drop_connect_mode,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"block_{spec.index}",
-            )(x, train)
+            run = runs.get(spec.index)
+            if run is None:
+                x = block(**fields, **shared, name=f"block_{spec.index}")(x, train)
+                i += 1
+                continue
+            rates = [specs[j].drop_rate for j in run]
+            fields["drop_rate"] = max(rates)  # static: whether any block drops
+            x, _ = mbconv_scan(len(run), self.remat)(
+                **fields, **shared, name=scanned_name(run[0], run[-1])
+            )(x, jnp.asarray(rates, jnp.float32), train)
+            i += len(run)
         x = _conv(self, top, 1, "top_conv")(x)
         x = act(_norm(self, train, "top_norm", norm_momentum)(x))
         x = jnp.mean(x, axis=(1, 2)) if self.pooling_type == "mean" else jnp.max(x, axis=(1, 2))

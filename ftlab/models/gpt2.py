@@ -206,9 +206,9 @@ class GPT2(Decoder):
     must not exceed ``n_positions``.
     """
 
-    def backbone(self, input_ids, position_ids, bias, train, decode):  # see Decoder
+    def backbone(self, input_ids, position_ids, bias, train, decode, prompt=None):  # Decoder
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-        t = input_ids.shape[1]
+        t = input_ids.shape[1] + (0 if prompt is None else prompt.shape[1])
         if t > cfg.n_positions:
             raise ValueError(f"sequence length {t} exceeds n_positions {cfg.n_positions}")
         init = nn.initializers.normal(cfg.initializer_range)
@@ -230,7 +230,10 @@ class GPT2(Decoder):
             ),
             name="wpe",
         )
-        x = wte(input_ids) + wpe(position_ids)
+        x = wte(input_ids)
+        if prompt is not None:  # a soft prompt: before the tokens, positions 0..v-1 (Decoder)
+            x = jnp.concatenate([prompt.astype(x.dtype), x], axis=1)
+        x = x + wpe(position_ids)
         x = nn.Dropout(cfg.embd_pdrop, deterministic=not train)(x)
         block = layer_stack(
             GPT2Block, cfg.n_layer, num_broadcast=1, scan=self.scan_layers, remat=self.remat

@@ -757,6 +757,18 @@ class Decoder(nn.Module):
       win. All rows share one cache index: pad prompts on the left.
 
     With ``decode=False`` (the default) nothing of this runs.
+
+    Soft prompt (prompt tuning, ``ftlab.methods.prompt``): ``prompt_embeds`` (v, embed) or
+    (batch, v, embed) is prepended to the token embeddings, as PEFT's
+    ``PeftModelForCausalLM.forward`` does through ``inputs_embeds``: the attention mask gets v
+    leading ones, the virtual tokens take positions ``0..v-1`` and the real tokens ``v +``
+    their positions (transformers' default positions over the ``v + length`` inputs; explicit
+    ``position_ids`` are shifted by v, where PEFT drops them), GPT-2 adds its position table
+    and LLaMA rotates at those positions, and the v prompt positions are sliced off the
+    outputs (logits, ``return_hidden`` states), which stay aligned with ``input_ids``. LM head
+    only. With ``decode=True`` pass it with the first chunk only (the prefill): the cache
+    then holds v more slots (``init`` with ``max_length + v``) and later tokens continue the
+    positions after them.
     """
 
     config: Any
@@ -774,14 +786,18 @@ class Decoder(nn.Module):
         bias: jax.Array,
         train: bool,
         decode: bool,
+        prompt: jax.Array | None = None,
     ) -> tuple[jax.Array, nn.Embed]:
+        """``prompt`` (batch, v, embed), when given, goes before the token embeddings;
+        ``position_ids`` and ``bias`` then cover the ``v + length`` inputs."""
         raise NotImplementedError
 
     def _decode_bias(
-        self, input_ids: jax.Array, attention_mask: jax.Array | None, position_ids: Any
+        self, shape: tuple[int, int], attention_mask: jax.Array | None, position_ids: Any
     ) -> tuple[jax.Array, jax.Array]:
-        """Positions and the additive bias of a decoding chunk; advances the cache counters."""
-        b, t = input_ids.shape
+        """Positions and the additive bias of a decoding chunk of ``shape`` (batch, length);
+        advances the cache counters."""
+        b, t = shape
         mask = jnp.ones((b, t), bool) if attention_mask is None else _bool(attention_mask)
         initialized = self.has_variable("cache", "key_mask")
         key_mask = self.variable("cache", "key_mask", jnp.zeros, (b, t), bool)
@@ -802,6 +818,37 @@ class Decoder(nn.Module):
         allowed = keys[:, None, None, :] & causal[None, None]
         return position_ids, _additive(allowed, self.dtype)
 
+    def _prompt_inputs(
+        self,
+        prompt_embeds: jax.Array,
+        b: int,
+        attention_mask: jax.Array | None,
+        position_ids: jax.Array,
+        counted: bool,
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+        """(prompt (b, v, embed), the mask with v leading ones, positions ``0..v-1`` then
+        ``v + position_ids``; None when the decoding cache counts them: ``counted``)."""
+        if self.head != "lm":
+            raise ValueError(f"prompt_embeds (prompt tuning) needs the LM head, not {self.head!r}")
+        prompt = jnp.asarray(prompt_embeds)
+        if prompt.ndim == 2:
+            prompt = prompt[None]
+        if prompt.ndim != 3 or prompt.shape[0] not in (1, b):
+            raise ValueError(
+                f"prompt_embeds must be (v, embed) or ({b}, v, embed), got {prompt_embeds.shape}"
+            )
+        v = prompt.shape[1]
+        prompt = jnp.broadcast_to(prompt, (b, *prompt.shape[1:]))
+        mask = None
+        if attention_mask is not None:
+            mask = jnp.asarray(attention_mask)
+            mask = jnp.concatenate([jnp.ones((b, v), mask.dtype), mask], axis=1)
+        positions = None
+        if not counted:
+            ahead = jnp.broadcast_to(jnp.arange(v, dtype=position_ids.dtype)[None], (b, v))
+            positions = jnp.concatenate([ahead, position_ids + v], axis=1)
+        return prompt, mask, positions
+
     @nn.compact
     def __call__(
         self,
@@ -812,6 +859,7 @@ class Decoder(nn.Module):
         train: bool = False,
         decode: bool = False,
         return_hidden: bool = False,
+        prompt_embeds: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         explicit = position_ids is not None or (
             isinstance(inputs, Mapping) and inputs.get("position_ids") is not None
@@ -821,13 +869,20 @@ class Decoder(nn.Module):
         )
         b, t = input_ids.shape
         _without_scan(self, decode)
+        prompt, full_mask, v = None, attention_mask, 0
+        if prompt_embeds is not None:
+            prompt, full_mask, position_ids = self._prompt_inputs(
+                prompt_embeds, b, attention_mask, position_ids, decode and not explicit
+            )
+            v = prompt.shape[1]
         if decode:
             position_ids, bias = self._decode_bias(
-                input_ids, attention_mask, position_ids if explicit else None
+                (b, v + t), full_mask, position_ids if explicit else None
             )
         else:
-            bias = attention_bias(attention_mask, b, t, self.dtype)
-        x, embed = self.backbone(input_ids, position_ids, bias, train, decode)
+            bias = attention_bias(full_mask, b, v + t, self.dtype)
+        x, embed = self.backbone(input_ids, position_ids, bias, train, decode, prompt)
+        x = x[:, v:] if v else x
         if return_hidden:
             if self.head != "lm":
                 raise ValueError(f"return_hidden=True needs the LM head, not {self.head!r}")

@@ -276,7 +276,7 @@ class Llama(Decoder):
     their absolute positions.
     """
 
-    def backbone(self, input_ids, position_ids, bias, train, decode):  # see Decoder
+    def backbone(self, input_ids, position_ids, bias, train, decode, prompt=None):  # Decoder
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         angles = jnp.asarray(position_ids, jnp.float32)[..., None] * rope_frequencies(cfg)
         angles = jnp.concatenate([angles, angles], axis=-1)
@@ -291,7 +291,10 @@ class Llama(Decoder):
             ),
             name="embed_tokens",
         )
-        x = nn.Dropout(cfg.dropout, deterministic=not train)(embed(input_ids))
+        x = embed(input_ids)
+        if prompt is not None:  # a soft prompt: before the tokens, positions 0..v-1 (Decoder)
+            x = jnp.concatenate([prompt.astype(x.dtype), x], axis=1)
+        x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
         block = layer_stack(
             LlamaBlock,
             cfg.num_hidden_layers,

@@ -41,7 +41,15 @@ Logits are float32; ``dtype`` is the compute dtype, parameters stay in ``param_d
 ``remat`` recomputes each block in the backward pass. ``head="none"`` returns the decoder's
 final hidden states (``WhisperModel``).
 
-Decoding with a cache (``decode=True``; ``greedy_decode`` is the whole loop):
+``scan_layers=True`` runs each stack as one ``nn.scan`` module ``layers`` (``encoder/layers/...``
+and ``decoder/layers/...``, every leaf with a leading layer axis named ``layers``): one compiled
+block per stack; ``scan_params`` / ``unscan_params`` convert the per-layer tree (the one import,
+export and LoRA regexes use) both ways. Decoding with the cache needs the unrolled layers (a
+scanned model refuses ``decode=True``): ``unscan_params`` and a ``scan_layers=False`` model.
+
+Decoding with a cache (``decode=True``; greedy, beam search and sampling from the forced
+prefix: ``ftlab.eval.generate.generate_seq2seq(model, params, None, input_features=...,
+decoder_start_token_id=prefix, num_beams=...)``, as for T5):
 
 - ``model.apply(v, features, method=Whisper.encode)``: the encoder's output, once;
 - ``init_cache(model, batch, max_length, encoder_length)``: an empty ``cache`` collection;
@@ -55,7 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -64,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftlab.models.layers import (
+    _without_scan,
     activation,
     attention,
     attention_bias,
@@ -72,6 +81,8 @@ from ftlab.models.layers import (
     kv_cache,
     layer_norm,
     layer_stack,
+    stack_layers,
+    unstack_layers,
 )
 
 LOGICAL_AXES = ("vocab", "positions", "embed", "heads", "mlp")
@@ -258,6 +269,7 @@ class WhisperEncoder(nn.Module):
     param_dtype: Any = jnp.float32
     remat: bool | str = False
     attention_impl: str = "auto"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, input_features: jax.Array, train: bool = False) -> jax.Array:
@@ -299,10 +311,17 @@ class WhisperEncoder(nn.Module):
         x = x + jax.lax.stop_gradient(jnp.asarray(positions, dt))[None]
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
         block = layer_stack(
-            WhisperEncoderLayer, cfg.encoder_layers, num_broadcast=0, scan=False, remat=self.remat
+            WhisperEncoderLayer,
+            cfg.encoder_layers,
+            num_broadcast=0,
+            scan=self.scan_layers,
+            remat=self.remat,
         )
-        for i in range(cfg.encoder_layers):
-            x = block(cfg, dt, pdt, self.attention_impl, name=f"layers_{i}")(x, train)
+        if self.scan_layers:
+            x, _ = block(cfg, dt, pdt, self.attention_impl, name="layers")(x, train)
+        else:
+            for i in range(cfg.encoder_layers):
+                x = block(cfg, dt, pdt, self.attention_impl, name=f"layers_{i}")(x, train)
         return _ln(cfg, dt, pdt, "layer_norm")(x)
 
 
@@ -332,6 +351,7 @@ class WhisperDecoder(nn.Module):
     param_dtype: Any = jnp.float32
     remat: bool | str = False
     attention_impl: str = "auto"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(
@@ -370,11 +390,19 @@ class WhisperDecoder(nn.Module):
         x = embed(input_ids) + positions[None]
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
         block = layer_stack(
-            WhisperDecoderLayer, cfg.decoder_layers, num_broadcast=2, scan=False, remat=self.remat
+            WhisperDecoderLayer,
+            cfg.decoder_layers,
+            num_broadcast=2,
+            scan=self.scan_layers,
+            remat=self.remat,
         )
-        for i in range(cfg.decoder_layers):
-            layer = block(cfg, dt, pdt, decode, self.attention_impl, name=f"layers_{i}")
-            x = layer(x, context, bias, train)
+        if self.scan_layers:  # (decode is refused by Whisper before the cache is touched)
+            layer = block(cfg, dt, pdt, False, self.attention_impl, name="layers")
+            x, _ = layer(x, context, bias, train)
+        else:
+            for i in range(cfg.decoder_layers):
+                layer = block(cfg, dt, pdt, decode, self.attention_impl, name=f"layers_{i}")
+                x = layer(x, context, bias, train)
         return _ln(cfg, dt, pdt, "layer_norm")(x), embed
 
     def _decode_bias(self, mask: jax.Array | None, b: int, t: int) -> tuple[jax.Array, jax.Array]:
@@ -409,13 +437,12 @@ class Whisper(nn.Module):
     def setup(self):
         if self.head not in HEADS:
             raise ValueError(f"Whisper head {self.head!r}: choose one of {', '.join(HEADS)}")
-        if self.scan_layers:
-            raise ValueError("Whisper runs its layers unrolled (scan_layers=False)")
         kw = {
             "dtype": self.dtype,
             "param_dtype": self.param_dtype,
             "remat": self.remat,
             "attention_impl": self.attention_impl,
+            "scan_layers": self.scan_layers,
         }
         self.encoder = WhisperEncoder(self.config, **kw)
         self.decoder = WhisperDecoder(self.config, **kw)
@@ -442,6 +469,7 @@ class Whisper(nn.Module):
         train: bool = False,
         decode: bool = False,
     ) -> jax.Array:
+        _without_scan(self, decode)
         ids = jnp.asarray(decoder_input_ids)
         if ids.ndim != 2:
             raise ValueError(f"decoder_input_ids must be (batch, length), got {ids.shape}")
@@ -487,6 +515,27 @@ class Whisper(nn.Module):
         )
 
 
+STACKS = ("encoder", "decoder")
+
+
+def scan_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-layer Whisper parameters (``encoder/layers_<i>``, ``decoder/layers_<i>``: what
+    import, export and method regexes use) -> the tree of ``Whisper(scan_layers=True)``
+    (``encoder/layers``, ``decoder/layers`` with a leading layer axis). Plain arrays only."""
+    out = dict(params)
+    for stack in STACKS:
+        out[stack] = stack_layers(params[stack], "layers")
+    return out
+
+
+def unscan_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of ``scan_params``: a scanned tree back to per-layer subtrees."""
+    out = dict(params)
+    for stack in STACKS:
+        out[stack] = unstack_layers(params[stack], "layers")
+    return out
+
+
 # -- decoding with the cache ----------------------------------------------------------------
 
 
@@ -504,88 +553,3 @@ def init_cache(model: Whisper, batch: int, max_length: int) -> dict:
         return variables["cache"]
 
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init))
-
-
-def _greedy(model: Whisper, steps: int, eos: tuple[int, ...], pad: int, params, features, prefix):
-    """(ids (batch, prefix + steps), logits (batch, steps, vocab) each token was chosen from)."""
-    batch, length = prefix.shape
-    enc = model.apply({"params": params}, features, method=Whisper.encode)
-    cache = init_cache(model, batch, length + steps)
-
-    def forward(cache, ids, context):
-        variables = {"params": params, "cache": cache}
-        if context is None:  # a step: the next token, the encoder's keys from the cache
-            logits, state = model.apply(variables, ids, decode=True, mutable=["cache"])
-        else:
-            logits, state = model.apply(
-                variables,
-                None,
-                decoder_input_ids=ids,
-                encoder_hidden_states=context,
-                decode=True,
-                mutable=["cache"],
-            )
-        return logits[:, -1], state["cache"]
-
-    logits, cache = forward(cache, prefix, enc)
-    eos_ids = jnp.asarray(eos or (-1,), jnp.int32)
-    tokens = jnp.full((batch, steps), pad, jnp.int32)
-    seen = jnp.zeros((batch, steps, logits.shape[-1]), jnp.float32)
-
-    def body(i, carry):
-        logits, cache, tokens, done, seen = carry
-        token = jnp.where(done, pad, jnp.argmax(logits, -1).astype(jnp.int32))
-        tokens = tokens.at[:, i].set(token)
-        seen = seen.at[:, i].set(logits.astype(jnp.float32))
-        done = done | jnp.isin(token, eos_ids)
-        logits, cache = jax.lax.cond(
-            i + 1 < steps,
-            lambda c: forward(c, token[:, None], None),
-            lambda c: (logits, c),
-            cache,
-        )
-        return logits, cache, tokens, done, seen
-
-    done = jnp.zeros((batch,), bool)
-    state = (logits, cache, tokens, done, seen)
-    _, _, tokens, _, seen = jax.lax.fori_loop(0, steps, body, state)
-    return jnp.concatenate([prefix, tokens], axis=1), seen
-
-
-_greedy_jit = jax.jit(_greedy, static_argnums=(0, 1, 2, 3))
-
-
-def greedy_decode(
-    model: Whisper,
-    params: Mapping,
-    input_features: Any,
-    prefix: Sequence[int] | Any,
-    max_new_tokens: int,
-    *,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    return_logits: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Greedy transcription with the cache: the forced ``prefix`` (``<|startoftranscript|>
-    <|en|><|transcribe|><|notimestamps|>``: one sequence for every row, or (batch, length)),
-    then ``max_new_tokens`` argmax tokens; after a row's EOS its tokens are ``pad_token_id``
-    (default: the config's, else the EOS). Returns (batch, prefix + max_new_tokens) ids
-    (with ``return_logits`` also the (batch, max_new_tokens, vocab) float32 logits each new
-    token was chosen from), jitted once per shape. LoRA: pass merged parameters, or run under the method's
-    interceptor."""
-    cfg = model.config
-    features = jnp.asarray(input_features)
-    prefix = jnp.asarray(prefix, jnp.int32)
-    if prefix.ndim == 1:
-        prefix = jnp.broadcast_to(prefix[None], (features.shape[0], prefix.shape[0]))
-    if prefix.shape[1] + max_new_tokens > cfg.max_target_positions:
-        raise ValueError(
-            f"prefix {prefix.shape[1]} + max_new_tokens {max_new_tokens} exceed "
-            f"max_target_positions {cfg.max_target_positions}"
-        )
-    if eos_token_id is None:
-        eos_token_id = cfg.eos_token_id
-    eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
-    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or (eos or (0,))[0])
-    ids, logits = _greedy_jit(model, int(max_new_tokens), eos, int(pad), params, features, prefix)
-    return (ids, logits) if return_logits else ids

@@ -144,6 +144,8 @@ def state_shardings(
         if top in ("dora", "ia3"):  # a vector per output unit ("in": per input channel)
             kernel, side = rest.rsplit("/", 1)
             return named(scale_axes(axes.get(f"params/{kernel}"), side), leaf)
+        if top == "prompt":  # a soft prompt (v, embed): small, replicated
+            return named(None, leaf)
         raise ValueError(f"unexpected trainable leaf {top}/{rest}")
 
     def frozen_leaf(path, leaf) -> NamedSharding:

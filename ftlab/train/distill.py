@@ -233,6 +233,35 @@ class _WithTeacher:
         return self.jitted.lower(state, batch, self.teacher)
 
 
+def no_train_step(state, batch):
+    """The train step of a distilled run rebuilt without its teacher (evaluation only)."""
+    raise RuntimeError(
+        "this distilled run was rebuilt without its teacher (for evaluation): it cannot train"
+    )
+
+
+def without_teacher(
+    cfg: mc.ConfigDict, task: str, per_example_loss: Callable, proj_shape, tx
+) -> Distiller:
+    """A ``Distiller`` with no teacher, only to lay out a distilled run's state (the
+    hidden-state projection of ``proj_shape``) for restoring its checkpoints."""
+    d = cfg.distill
+    return Distiller(
+        model=None,
+        variables=None,
+        shardings=None,
+        source="",
+        task=task,
+        alpha=float(d.alpha),
+        temperature=float(d.temperature),
+        hidden_weight=float(d.hidden_weight),
+        per_example_loss=per_example_loss,
+        proj_shape=None if proj_shape is None else tuple(int(n) for n in proj_shape),
+        seed=cfg.seed,
+        tx=tx,
+    )
+
+
 def _build_model(cfg: mc.ConfigDict, num_outputs: int, dtype, task: str) -> nn.Module:
     from ftlab.interop.build import build_model  # HF families, and the registry's others
 
@@ -256,11 +285,20 @@ def _is_hf_dir(path: Path) -> bool:
 
 
 def _teacher_model(
-    cfg: mc.ConfigDict, data, sample, dtype
+    cfg: mc.ConfigDict, data, sample, dtype, model_cfg: mc.ConfigDict | None = None
 ) -> tuple[nn.Module, Callable[[], dict], str]:
-    """``(model, load variables, description)`` for ``cfg.distill.teacher``."""
+    """``(model, load variables, description)`` for ``cfg.distill.teacher``; ``model_cfg``
+    (the planner's: a teacher not trained yet, or a hub model's shapes) builds the model
+    without reading the teacher's directory."""
     spec = cfg.distill.teacher
     path = Path(spec).expanduser()
+    if model_cfg is not None:
+        model = _build_model(model_cfg, data.num_outputs, dtype, data.task)
+
+        def no_weights() -> dict:
+            raise ConfigError(f"config.distill.teacher: {spec}: only its shapes are known")
+
+        return model, no_weights, f"teacher {spec}"
     if _is_hf_dir(path):
         model_cfg = mc.ConfigDict(cfg.model.to_dict())
         model_cfg.name, model_cfg.pretrained = "hf", str(path)
@@ -335,11 +373,18 @@ def load(
     dtype,
     tx=None,
     frozen_dtype: str = "float32",
+    *,
+    weights: bool = True,
+    model_cfg: mc.ConfigDict | None = None,
 ) -> Distiller:
     """The teacher of ``cfg.distill``, checked against the student before anything compiles:
     the task must have class or token distributions, the output sizes (classes, vocabulary)
     must agree, and its saved parameters must fit its model. Variables are placed on ``mesh``
-    sharded by the models' logical axes (floating leaves in ``frozen_dtype``)."""
+    sharded by the models' logical axes (floating leaves in ``frozen_dtype``).
+
+    Without ``weights`` (the planner) nothing is read but the teacher's config: its variables
+    are ``ShapeDtypeStruct``s carrying the dtypes and shardings the loaded ones would have
+    (``model_cfg``: its model config, when its directory does not exist yet)."""
     from ftlab.parallel import shard
 
     d = cfg.distill
@@ -349,7 +394,7 @@ def load(
             f"task is {data.task} (for a regression teacher, train on its predictions as "
             "labels instead)"
         )
-    t_model, load_variables, source = _teacher_model(cfg, data, sample, dtype)
+    t_model, load_variables, source = _teacher_model(cfg, data, sample, dtype, model_cfg)
     what = "vocabulary size" if data.task == "causal_lm" else "classes"
 
     def mismatch(teacher: int, student: int) -> None:
@@ -381,40 +426,48 @@ def load(
             f"named {', '.join(HEAD_NAMES)} or of a tied embedding's attend); set it to 0"
         )
     expected = tree.flatten(nn.meta.unbox(t_boxed))
-    variables = load_variables()
-    got = tree.flatten(variables)
-    for path, leaf in expected.items():
-        if path not in got:
-            raise ConfigError(f"config.distill.teacher: {source} has no {path!r}")
-        if tuple(got[path].shape) != tuple(leaf.shape):
-            raise ConfigError(
-                f"config.distill.teacher: {path!r} has shape {tuple(got[path].shape)} in "
-                f"{source}, {tuple(leaf.shape)} in the teacher's model"
-            )
 
-    def stored(path: str, x):
-        x = jnp.asarray(x, expected[path].dtype)
-        if frozen_dtype != "float32" and jnp.issubdtype(x.dtype, jnp.floating):
-            x = x.astype(frozen_dtype)
-        return x
+    def stored_dtype(path: str):
+        dt = jnp.dtype(expected[path].dtype)
+        if frozen_dtype != "float32" and jnp.issubdtype(dt, jnp.floating):
+            return jnp.dtype(frozen_dtype)
+        return dt
 
-    variables = tree.unflatten({p: stored(p, got[p]) for p in expected})
     axes = shard.logical_axes(dict(t_boxed))
-    shardings = tree.unflatten(
-        {
-            p: NamedSharding(mesh, shard.mesh_spec(axes.get(p), tuple(x.shape), mesh))
-            for p, x in tree.flatten(variables).items()
-        }
-    )
-    variables = jax.device_put(variables, shardings)
-    log.info(
-        "distilling from %s: alpha %g, temperature %g%s (%s teacher parameters)",
-        source,
-        d.alpha,
-        d.temperature,
-        f", hidden weight {d.hidden_weight:g}" if hidden else "",
-        f"{tree.count(variables['params']):,}",
-    )
+    flat_sh = {
+        p: NamedSharding(mesh, shard.mesh_spec(axes.get(p), tuple(x.shape), mesh))
+        for p, x in expected.items()
+    }
+    shardings = tree.unflatten(flat_sh)
+    if not weights:  # shapes only: what the loaded teacher would be on the mesh
+        variables = tree.unflatten(
+            {
+                p: jax.ShapeDtypeStruct(tuple(x.shape), stored_dtype(p), sharding=flat_sh[p])
+                for p, x in expected.items()
+            }
+        )
+    else:
+        got = tree.flatten(load_variables())
+        for path, leaf in expected.items():
+            if path not in got:
+                raise ConfigError(f"config.distill.teacher: {source} has no {path!r}")
+            if tuple(got[path].shape) != tuple(leaf.shape):
+                raise ConfigError(
+                    f"config.distill.teacher: {path!r} has shape {tuple(got[path].shape)} in "
+                    f"{source}, {tuple(leaf.shape)} in the teacher's model"
+                )
+        variables = tree.unflatten(
+            {p: jnp.asarray(got[p], expected[p].dtype).astype(stored_dtype(p)) for p in expected}
+        )
+        variables = jax.device_put(variables, shardings)
+        log.info(
+            "distilling from %s: alpha %g, temperature %g%s (%s teacher parameters)",
+            source,
+            d.alpha,
+            d.temperature,
+            f", hidden weight {d.hidden_weight:g}" if hidden else "",
+            f"{tree.count(variables['params']):,}",
+        )
     proj = None
     if hidden:
         proj = (int(s_hidden.shape[-1]), int(t_hidden.shape[-1]))

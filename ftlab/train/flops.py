@@ -178,6 +178,7 @@ def step_flops(
     seq_len: int,
     lora: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
     tied_head: str | None = None,
+    trained_input: bool = False,
 ) -> StepFlops:
     """The model FLOPs of one train step of a decoder over ``batch`` sequences of ``seq_len``.
 
@@ -186,7 +187,8 @@ def step_flops(
     factors (always trained; they sit at their kernel's position); ``tied_head``: the
     embedding path used as the LM head matrix when the head is tied (a matmul after the blocks,
     trained when that embedding is). Attention width and the number of layers are read from
-    the attention query projections (``q_proj`` / ``query`` kernels).
+    the attention query projections (``q_proj`` / ``query`` kernels). ``trained_input``: a
+    trained input (prompt tuning's soft prompt), so gradients flow through every layer.
     """
     trained = set(trained)
     lora = dict(lora or {})
@@ -213,6 +215,8 @@ def step_flops(
         position(p, num_layers) for p in lora
     ]
     first = min(trained_positions, default=(math.inf, math.inf))
+    if trained_input:
+        first = (-math.inf, -math.inf)
 
     tokens = batch * seq_len
     n = n_trained = n_grad = n_fwd = 0
@@ -263,7 +267,16 @@ def method_step_flops(
     head = None
     if tied:
         head = next((p for p in shapes if re.search(r"(?:wte|embed_tokens)/embedding$", p)), None)
-    return step_flops(shapes, trained_flat, batch=batch, seq_len=seq_len, lora=lora, tied_head=head)
+    prompt = int(getattr(method, "prompt_tokens", 0))  # a soft prompt: v more positions, all
+    return step_flops(  # layers backpropagate to it
+        shapes,
+        trained_flat,
+        batch=batch,
+        seq_len=seq_len + prompt,
+        lora=lora,
+        tied_head=head,
+        trained_input=prompt > 0,
+    )
 
 
 def mfu(flops_per_step: float, seconds_per_step: float, peak_per_device: float, devices: int = 1):

@@ -464,7 +464,8 @@ def prepare(
     )
     _check_vocab(cfg, data, model)
     shapes = jax.eval_shape(model.init, jax.random.key(cfg.seed), data.train.sample_inputs())
-    return data, model, build_method(cfg.method, nn.meta.unbox(shapes["params"]))
+    params = nn.meta.unbox(shapes["params"])
+    return data, model, build_method(cfg.method, params, tokenizer=data.tokenizer)
 
 
 def _check_vocab(cfg: mc.ConfigDict, data: Dataset, model: nn.Module) -> None:
@@ -537,11 +538,20 @@ class Run:
         )
 
 
-def build(cfg: mc.ConfigDict, data: Dataset | None = None) -> Run:
+def build(
+    cfg: mc.ConfigDict,
+    data: Dataset | None = None,
+    *,
+    teacher: bool = True,
+    distill_proj: tuple[int, int] | None = None,
+) -> Run:
     """Data, model, method, optimiser and the sharded initial state of ``cfg``'s run.
 
     ``data`` reuses splits already loaded for the same ``config.data`` (a sweep loads each
-    distinct data config once).
+    distinct data config once). ``teacher=False`` (evaluation, prediction, export of a
+    distilled run) never reads the distillation teacher: the state is the student's (with
+    the hidden-state projection of shape ``distill_proj`` when given, so the checkpoints of a
+    run that trained one restore) and ``train_step`` refuses to run.
     """
     use_fast_cpu_rng()
     data, model, method = prepare(cfg, data=data)
@@ -557,13 +567,19 @@ def build(cfg: mc.ConfigDict, data: Dataset | None = None) -> Run:
     init = shard.init_state_fn(method, tx, cfg.seed)
     boxed = jax.eval_shape(model.init, jax.random.key(cfg.seed), sample)
     loss_fn = losses.per_example_loss(cfg.train.loss, cfg.train.label_smoothing)
-    teacher = None  # distillation: a frozen teacher, checked and loaded before compiling
-    if cfg.distill.teacher:
+    teacher_ = None  # distillation: a frozen teacher, checked and loaded before compiling
+    if cfg.distill.teacher and teacher:
         from ftlab.train import distill
 
         dtype, frozen = compute_dtype(cfg.train.compute_dtype), method.frozen_dtype
-        teacher = distill.load(cfg, data, model, sample, mesh, loss_fn, dtype, tx, frozen)
-        init, state_sh = teacher.wrap_init(init, boxed, mesh)  # + the hidden projection
+        teacher_ = distill.load(cfg, data, model, sample, mesh, loss_fn, dtype, tx, frozen)
+        init, state_sh = teacher_.wrap_init(init, boxed, mesh)  # + the hidden projection
+    elif cfg.distill.teacher and cfg.distill.hidden_weight and distill_proj is not None:
+        from ftlab.train import distill
+
+        # the student's state with its trained projection (to restore it), no teacher
+        no_teacher = distill.without_teacher(cfg, data.task, loss_fn, distill_proj, tx)
+        init, state_sh = no_teacher.wrap_init(init, boxed, mesh)
     else:
         state_sh = shard.state_shardings(shard.abstract_state(init, boxed), boxed, mesh)
     batch_sh = shard.batch_sharding(mesh)
@@ -578,12 +594,16 @@ def build(cfg: mc.ConfigDict, data: Dataset | None = None) -> Run:
         train_loss,
         cfg.optim.accum_steps,
         model_kwargs,
-        distill=teacher,
+        distill=teacher_,
     )
-    if teacher is None:
+    if cfg.distill.teacher and not teacher:
+        from ftlab.train import distill
+
+        train_step = distill.no_train_step
+    elif teacher_ is None:
         train_step = shard.jit_train_step(step_fn, state_sh, batch_sh)
     else:  # the teacher's variables: a frozen, sharded input of the step, bound here
-        train_step = teacher.jit_train_step(step_fn, state_sh, batch_sh)
+        train_step = teacher_.jit_train_step(step_fn, state_sh, batch_sh)
     eval_step = shard.jit_eval_step(
         make_eval_step(model, method, loss_fn, data.task), state_sh, batch_sh
     )
@@ -836,7 +856,9 @@ def _train(
     )
     writer.close()
 
-    n_trainable = tree.count(state.trainable)
+    # the student's own count; a distillation projection (trainable["distill"]) apart
+    n_proj = tree.count(state.trainable["distill"]) if "distill" in state.trainable else 0
+    n_trainable = tree.count(state.trainable) - n_proj
     summary = {
         "task": data.task,
         "class_names": list(data.class_names),
@@ -846,6 +868,7 @@ def _train(
         "method": cfg.method.name,
         "method_summary": method.summary(state.trainable, state.frozen),
         "trainable_params": n_trainable,
+        **({"distill_projection_params": n_proj} if n_proj else {}),
         "total_params": tree.count(state.frozen) + tree.count(state.trainable["params"]),
         "wall_time_s": time.time() - start_time,
         **speed.summary(),
@@ -916,6 +939,12 @@ def export(
         if writes:
             export_hf(hf_dir, merged, config, model_state=model_state, source=source)
             log.info("exported a Hugging Face model to %s", hf_dir)
+            if method.prompt_tokens:  # prompt tuning merges into no weight
+                log.warning(
+                    "the Hugging Face model in %s is the base model: a soft prompt merges into "
+                    "no weight (export the PEFT adapter for it)",
+                    hf_dir,
+                )
     if peft_dir is not None:
         from ftlab.interop.peft import export_method_adapter
 

@@ -141,12 +141,12 @@ def test_conversion_round_trips_through_hugging_face_bit_for_bit(variables, tmp_
     back = {c: unstack_blocks(t) for c, t in stacked.items()}
     a, b = tree.flatten(variables), tree.flatten(back)
     assert a.keys() == b.keys() and all(np.array_equal(a[p], b[p]) for p in a)
-    # export the scanned model's variables (unstacked) and import them again
+    # export the scanned model's variables as they are (the family unstacks) and import them
     out = export_hf(
         tmp_path / "hf",
-        unstack_blocks(stacked["params"]),
+        stacked["params"],
         hf_config_for(TINY),
-        model_state={"batch_stats": unstack_blocks(stacked["batch_stats"])},
+        model_state={"batch_stats": stacked["batch_stats"]},
     )
     again = load_pretrained(out)
     assert again.model.clone(hidden_dim=None) == TINY

@@ -218,6 +218,11 @@ def test_scan_layers_equals_unrolled():
     np.testing.assert_allclose(
         forward(scanned, params, batch(d)), forward(p.model, p.params, batch(d)), atol=1e-5
     )
+    # export takes the scanned tree as it is: the per-layer tree's tensors, bit for bit
+    scanned_tensors = hf_tensors(jax.device_get(params), p.hf_config)
+    tensors = hf_tensors(jax.device_get(p.params), p.hf_config)
+    assert scanned_tensors.keys() == tensors.keys()
+    assert all(np.array_equal(scanned_tensors[k], v) for k, v in tensors.items())
 
 
 def test_peft_lora_adapter_runs_as_in_peft():

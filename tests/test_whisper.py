@@ -137,7 +137,7 @@ def test_beam_search_gives_transformers_ids_and_scores(tiny):
 def test_scanned_layers_compute_the_unrolled_function_and_train(tiny, ref, forward):
     """``scan_layers=True`` (with remat): one ``nn.scan`` per stack over ``scan_params``' tree
     gives the unrolled logits, gradients reach every layer and a step lowers the loss, the
-    tree converts back bit for bit (and exports to the checkpoint's tensors), and cached
+    tree converts back bit for bit (and exports as it is to the checkpoint's tensors), and cached
     decoding is refused."""
     import jax.numpy as jnp
 
@@ -179,7 +179,7 @@ def test_scanned_layers_compute_the_unrolled_function_and_train(tiny, ref, forwa
     back = unscan_params(stacked)
     a, b = tree.flatten(params), tree.flatten(back)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    tensors = hf_tensors(back, tiny.hf_config)
+    tensors = hf_tensors(stacked, tiny.hf_config)  # the family unscans a scanned tree
     original = dict(files.iter_tensors(TINY))
     assert all(np.array_equal(tensors[k], original[k]) for k in original)
     with pytest.raises(ValueError, match="decode=True.*scan_layers=False"):

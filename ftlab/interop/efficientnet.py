@@ -10,8 +10,9 @@ batches, and PyTorch reads it only with ``momentum=None``, which HF's EfficientN
 A ``scan_layers=True`` model's trees (each stage's later blocks stacked as
 ``blocks_<first>_to_<last>``, in ``params`` and ``batch_stats``) convert as the decoders' do
 with ``stack_layers``: import the per-block model, then ``stack_blocks(tree, model)`` per
-collection; before export, ``unstack_blocks(tree)`` (``ftlab.models.efficientnet``) gives back
-the per-block trees this table names, bit for bit.
+collection. ``export_hf`` takes the scanned trees as they are: ``unstack_blocks``
+(``ftlab.models.efficientnet``, the family's ``unscan``) gives back the per-block trees this
+table names, bit for bit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from ftlab.interop import _encoder
 from ftlab.interop.family import Family, register_family
 from ftlab.interop.table import CONV, Entry, Table, batch_norm, linear, rows
-from ftlab.models.efficientnet import EfficientNet
+from ftlab.models.efficientnet import EfficientNet, unstack_blocks
 
 TASK, BARE = "EfficientNetForImageClassification", "EfficientNetModel"
 BLOCK = "encoder.blocks.{i}"
@@ -96,5 +97,6 @@ FAMILY = register_family(
         buffers=_encoder.batch_norm_buffers,
         config_of=config_of,
         model_class=EfficientNet,
+        unscan=unstack_blocks,
     )
 )

@@ -51,7 +51,9 @@ class Family:
     overrides the config cannot tell (BERT without its pooler). On export ``buffers(tensors)``
     adds what PyTorch saves besides parameters, and ``check_export(config, flat, head)``
     refuses inconsistent trees with a message. ``memory_names`` and ``peft_task`` are what
-    PEFT adapters need besides the table (``ftlab.interop.peft``).
+    PEFT adapters need besides the table (``ftlab.interop.peft``). ``unscan`` turns a
+    ``scan_layers=True`` model's collection into the per-layer tree (encoder-decoders and
+    EfficientNet stack below the top level).
     """
 
     model_type: str
@@ -81,6 +83,9 @@ class Family:
     # prefix), and the adapter's task_type per head (None: PEFT has none, e.g. images)
     memory_names: Renames = dataclasses.field(default_factory=Renames)
     peft_task: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+    # a scan_layers=True model's collection -> the per-layer tree the table names (export
+    # unstacks with it; unchanged when not scanned); None: a top-level stack (``SCAN_NAMES``)
+    unscan: Callable[[Mapping[str, Any]], dict] | None = None
 
     def head_from_config(self, hf_config: Mapping[str, Any]) -> str:
         """The head ``architectures`` names (the first it knows), else ``default_head``."""

@@ -291,9 +291,12 @@ def config_dict(hf_config: Any) -> dict[str, Any]:
     )
 
 
-def unrolled(params: Mapping) -> Mapping:
+def unrolled(params: Mapping, family: Family | None = None) -> Mapping:
     """A ``scan_layers=True`` tree (``h/...`` with a leading layer axis) as the per-layer tree
-    (``h_0/...``) that Hugging Face's names are written from; other trees unchanged."""
+    (``h_0/...``) that Hugging Face's names are written from; other trees unchanged. A family
+    whose stacks sit below the top level says how (``Family.unscan``)."""
+    if family is not None and family.unscan is not None:
+        return family.unscan(nn.meta.unbox(dict(params)))
     for name in SCAN_NAMES:
         if isinstance(params.get(name), Mapping):
             return unstack_layers(nn.meta.unbox(dict(params)), name)
@@ -341,11 +344,13 @@ def _flat_tree(params: Mapping, model_state: Mapping | None, family: Family) -> 
         )
     flat = {
         p: np.ascontiguousarray(np.asarray(v, dtype=np.float32))
-        for p, v in tree.flatten(nn.meta.unbox(dict(unrolled(params)))).items()
+        for p, v in tree.flatten(nn.meta.unbox(dict(unrolled(params, family)))).items()
     }
     if not flat:
         raise HFExportError("params is empty")
     for collection, values in state.items():
+        if family.unscan is not None:  # EfficientNet's scanned BatchNorm statistics
+            values = family.unscan(values)
         for p, v in tree.flatten(values).items():
             flat[f"{collection}/{p}"] = np.ascontiguousarray(np.asarray(v, dtype=np.float32))
     return flat

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from ftlab.interop.errors import HFExportError
 from ftlab.interop.family import Family, register_family
 from ftlab.interop.table import LINEAR, Entry, Table, linear, rows
+from ftlab.models.layers import unstack_layers
 from ftlab.models.t5 import T5, T5Config
 
 STACK = "{s:encoder|decoder}"
@@ -109,6 +110,16 @@ def config_of(model: T5) -> dict[str, Any]:
     return out
 
 
+def unscan(params: Mapping[str, Any]) -> dict:
+    """A ``T5(scan_layers=True)`` tree (``encoder/block``, ``decoder/block`` with a leading
+    layer axis) as the per-layer tree (``block_<i>``); a per-layer stack is left as it is."""
+    out = dict(params)
+    for stack in ("encoder", "decoder"):
+        if isinstance(params.get(stack), Mapping) and "block" in params[stack]:
+            out[stack] = unstack_layers(params[stack], "block")
+    return out
+
+
 FAMILY = register_family(
     Family(
         model_type="t5",
@@ -129,6 +140,7 @@ FAMILY = register_family(
         check_export=check_export,
         config_of=config_of,
         model_class=T5,
+        unscan=unscan,
         peft_task={"lm": "SEQ_2_SEQ_LM", "none": "FEATURE_EXTRACTION"},
     )
 )

@@ -9,7 +9,7 @@ unties it. Names carry ``model.`` in ``WhisperForConditionalGeneration`` and non
 The table names the per-layer tree (``encoder/layers_<i>``, ``decoder/layers_<i>``). A
 ``Whisper(scan_layers=True)`` tree converts to it and back with
 ``ftlab.models.whisper.unscan_params`` / ``scan_params``, bit for bit: import, then
-``scan_params``; ``unscan_params``, then export.
+``scan_params``; ``export_hf`` unscans a scanned tree itself (the family's ``unscan``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from ftlab.interop.errors import HFExportError
 from ftlab.interop.family import Family, register_family
 from ftlab.interop.table import LINEAR, Entry, Table, elementwise, layer_norm, linear, rows
-from ftlab.models.whisper import Whisper, WhisperConfig
+from ftlab.models.whisper import Whisper, WhisperConfig, unscan_params
 
 TASK, BARE = "WhisperForConditionalGeneration", "WhisperModel"
 # PyTorch Conv1d.weight (out, in, width) <-> Flax Conv kernel (width, in, out)
@@ -131,6 +131,7 @@ FAMILY = register_family(
         check_export=check_export,
         config_of=config_of,
         model_class=Whisper,
+        unscan=unscan_params,
         # no task_type, as PEFT's Whisper guide (its SEQ_2_SEQ_LM wrapper passes input_ids,
         # which Whisper does not take): PeftModel.from_pretrained wraps the model as it is
         peft_task={"lm": None, "none": None},

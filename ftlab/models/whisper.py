@@ -529,10 +529,12 @@ def scan_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def unscan_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The inverse of ``scan_params``: a scanned tree back to per-layer subtrees."""
+    """The inverse of ``scan_params``: a scanned tree back to per-layer subtrees (a stack
+    already per-layer is left as it is)."""
     out = dict(params)
     for stack in STACKS:
-        out[stack] = unstack_layers(params[stack], "layers")
+        if isinstance(params.get(stack), Mapping) and "layers" in params[stack]:
+            out[stack] = unstack_layers(params[stack], "layers")
     return out
 
 

@@ -354,3 +354,34 @@ def test_step_flops_count_the_prompt():
     f = flops.method_step_flops(method, trainable, frozen, batch=2, seq_len=4, tied=True)
     assert f.tokens == 12 and f.matmul_params == 1_664 and f.frozen_grad_params == 1_664
     assert f.per_token == 4 * 1_664 + 2 * 3 * 4 * 6 * 8
+
+
+def test_the_prompt_is_replicated_and_the_frozen_base_stays_sharded():
+    """fsdp=4 x tensor=2: the soft prompt (v, embed) and its optimizer state are replicated
+    (small, read by every data shard), the frozen base keeps its fsdp / tensor shardings."""
+    from jax.sharding import AbstractMesh
+    from jax.sharding import PartitionSpec as P
+
+    from ftlab.parallel import AXES, shard
+    from ftlab.train import optim
+
+    model = GPT2(
+        GPT2Config(vocab_size=64, n_positions=16, n_embd=128, n_layer=1, n_head=4, n_inner=512)
+    )
+    variables = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 8), np.int32))
+    cfg = base_config()
+    cfg.method = _method_cfg(num_virtual_tokens=4)
+    method = build_method(cfg.method, nn.meta.unbox(variables["params"]))
+    tx, _ = optim.optimizer(cfg.optim, 10)
+    abstract = shard.abstract_state(shard.init_state_fn(method, tx, 0), variables)
+    sh = shard.state_shardings(abstract, variables, AbstractMesh((1, 4, 2), AXES))
+    assert abstract.trainable["prompt"]["embeddings"].shape == (4, 128)
+    assert sh.trainable["prompt"]["embeddings"].spec == P()
+    assert set(sh.trainable) == {"params", "lora", "prompt"} and not jax.tree.leaves(
+        sh.trainable["params"]
+    )
+    moments = [
+        x for x in jax.tree.leaves(abstract.opt_state) if getattr(x, "shape", ()) == (4, 128)
+    ]
+    assert len(moments) == 2  # adamw's mu and nu, for the prompt alone
+    assert sh.frozen["h_0"]["mlp"]["c_fc"]["kernel"].spec != P()

@@ -99,6 +99,32 @@ def test_cached_decoding_equals_uncached_and_greedy_equals_hf(tiny, ref, forward
     assert cache["decoder"]["layers_0"]["self_attn"]["cached_key"].shape == (2, 10, 4, 8)
 
 
+def test_beam_search_encodes_each_clip_once(tiny, ref, monkeypatch):
+    """With beams the encoder (most of Whisper's compute) runs on the clips, not on
+    clips x beams: its output is repeated per beam, as Hugging Face does."""
+    from ftlab.eval.generate import generate_seq2seq
+
+    rows = []
+    encode = Whisper.encode
+
+    def counted(module, features, train=False):
+        rows.append(features.shape[0])
+        return encode(module, features, train)
+
+    monkeypatch.setattr(Whisper, "encode", counted)
+    out = generate_seq2seq(
+        tiny.model,
+        tiny.params,
+        None,
+        input_features=ref["input_features"],
+        max_new_tokens=2,  # a length no other test decodes: traced here, not cached
+        decoder_start_token_id=ref["prefix"],
+        num_beams=3,
+    )
+    assert out.tokens.shape == (2, 2)
+    assert rows == [2]
+
+
 def test_beam_search_gives_transformers_ids_and_scores(tiny):
     """``generate_seq2seq`` from the forced prefix with ``num_beams=3`` gives the ids and
     scores of transformers' beam search (``WhisperForConditionalGeneration.generate`` with

@@ -157,11 +157,7 @@ def _forward(model, s: _Settings, params, factors):
                 **extra,
             )
 
-        if factors is None:
-            logits, state = call()
-        else:
-            with nn.intercept_methods(lora_lib.interceptor(factors, s.adapter.lora, None)):
-                logits, state = call()
+        logits, state = _intercepted(s, factors, call)
         return logits[:, -1].astype(jnp.float32), state["cache"]
 
     return forward
@@ -479,23 +475,51 @@ def _setup(
 # -- encoder-decoder models (T5) ------------------------------------------------------------
 
 
+def _intercepted(s: _Settings, factors, call):
+    """``call()`` with the LoRA factors (and dequantisation) running inside their layers."""
+    if factors is None:
+        return call()
+    with nn.intercept_methods(lora_lib.interceptor(factors, s.adapter.lora, None)):
+        return call()
+
+
 def _run_seq2seq(model, s: _Settings, params, factors, source, source_mask, start, rng, knobs):
     """``_run`` for an encoder-decoder: the decoder prompt is ``start`` (a (prefix,) run of
     tokens, the same for every row: T5's start token, Whisper's forced prefix) and the prefill
     runs the encoder once, priming every layer's cross-attention keys / values (and the
     self-attention cache with the prefix); beam search repeats the source rows as it repeats
-    the prompts. ``source``: token ids, or Whisper's log-mel features."""
+    the prompts. ``source``: token ids, or Whisper's log-mel features. A model with an
+    ``encode`` method that takes ``encoder_hidden_states`` (Whisper) encodes each source row
+    once and beam search repeats the encoder's output (as Hugging Face does): the encoder,
+    most of Whisper's compute, does not grow with the beams."""
     batch = source.shape[0]
     total = start.shape[0] + s.max_new_tokens
+    encode = getattr(type(model), "encode", None)
+    context = None
+    if encode is not None:
+        context = _intercepted(
+            s, factors, lambda: model.apply({"params": params}, source, method=encode)
+        )
 
     def prefill(ids, mask):
         rows = ids.shape[0]
-        src = jnp.repeat(source, rows // batch, axis=0)
-        src_mask = jnp.repeat(source_mask, rows // batch, axis=0)
+        if context is not None:
+            inputs = (None,)
+            extra = {
+                "decoder_input_ids": ids,
+                "decoder_attention_mask": mask,
+                "encoder_hidden_states": jnp.repeat(context, rows // batch, axis=0),
+            }
+            init_extra = {**extra, "decoder_input_ids": jnp.zeros((rows, total), jnp.int32)}
+            init_extra.pop("decoder_attention_mask")
+        else:
+            src = jnp.repeat(source, rows // batch, axis=0)
+            inputs = (src, jnp.repeat(source_mask, rows // batch, axis=0))
+            extra = {"decoder_input_ids": ids, "decoder_attention_mask": mask}
+            init_extra = {"decoder_input_ids": jnp.zeros((rows, total), jnp.int32)}
 
         def init():
-            dec = jnp.zeros((rows, total), jnp.int32)
-            variables = model.init(jax.random.key(0), src, src_mask, dec, decode=True)
+            variables = model.init(jax.random.key(0), *inputs, decode=True, **init_extra)
             return variables["cache"]
 
         cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(init))
@@ -503,19 +527,13 @@ def _run_seq2seq(model, s: _Settings, params, factors, source, source_mask, star
         def call():
             return model.apply(
                 {"params": params, "cache": cache},
-                src,
-                src_mask,
-                ids,
-                mask,
+                *inputs,
                 decode=True,
                 mutable=["cache"],
+                **extra,
             )
 
-        if factors is None:
-            logits, state = call()
-        else:
-            with nn.intercept_methods(lora_lib.interceptor(factors, s.adapter.lora, None)):
-                logits, state = call()
+        logits, state = _intercepted(s, factors, call)
         return logits[:, -1].astype(jnp.float32), state["cache"]
 
     ids = jnp.broadcast_to(start[None], (batch, start.shape[0]))

@@ -137,6 +137,41 @@ def test_beam_search_equals_transformers():
     assert texts == [" ".join(str(t) for t in row[1:] if t > 1) for row in d["beam_ids"]]
 
 
+def test_beam_search_encodes_each_source_once(monkeypatch):
+    """With beams the encoder runs on the sources, not on sources x beams (its output is
+    repeated per beam, as Hugging Face does); given ``encoder_hidden_states`` the model runs
+    no encoder at all (init then creates no encoder parameters)."""
+    p, d = loaded("tiny_t5"), data("tiny_t5")
+    rows = []
+    encode = T5.encode
+
+    def counted(module, input_ids, attention_mask=None, *, train=False):
+        rows.append(input_ids.shape[0])
+        return encode(module, input_ids, attention_mask, train=train)
+
+    monkeypatch.setattr(T5, "encode", counted)
+    out = generate_seq2seq(
+        p.model,
+        p.params,
+        d["input_ids"],
+        d["attention_mask"],
+        max_new_tokens=2,  # a length no other test decodes: traced here, not cached
+        num_beams=3,
+    )
+    assert np.shape(out.tokens) == (2, 2) and rows == [2]
+    encoded = np.zeros((2, 5, p.model.config.d_model), np.float32)
+    shapes = jax.eval_shape(
+        lambda: p.model.init(
+            jax.random.key(0),
+            None,
+            None,
+            decoder_input_ids=np.zeros((2, 3), np.int32),
+            encoder_hidden_states=encoded,
+        )
+    )
+    assert "encoder" not in shapes["params"] and "decoder" in shapes["params"]
+
+
 def test_decode_api_primes_once_then_steps():
     # the cache's layout: cross-attention keys from the encoder, one decoder index
     p, d = loaded("tiny_t5"), data("tiny_t5")

@@ -484,42 +484,36 @@ def _intercepted(s: _Settings, factors, call):
 
 
 def _run_seq2seq(model, s: _Settings, params, factors, source, source_mask, start, rng, knobs):
-    """``_run`` for an encoder-decoder: the decoder prompt is ``start`` (a (prefix,) run of
-    tokens, the same for every row: T5's start token, Whisper's forced prefix) and the prefill
-    runs the encoder once, priming every layer's cross-attention keys / values (and the
-    self-attention cache with the prefix); beam search repeats the source rows as it repeats
-    the prompts. ``source``: token ids, or Whisper's log-mel features. A model with an
-    ``encode`` method that takes ``encoder_hidden_states`` (Whisper) encodes each source row
-    once and beam search repeats the encoder's output (as Hugging Face does): the encoder,
-    most of Whisper's compute, does not grow with the beams."""
+    """``_run`` for an encoder-decoder (``T5``, ``Whisper``): the decoder prompt is ``start``
+    (a (prefix,) run of tokens, the same for every row: T5's start token, Whisper's forced
+    prefix). The encoder runs once per source row (``model.encode``; ``source``: token ids or
+    Whisper's log-mel features); the prefill primes every layer's cross-attention keys /
+    values from its output (and the self-attention cache with the prefix). Beam search
+    repeats the encoder's output per beam, as Hugging Face does, so the encoder's cost does
+    not grow with the beams."""
     batch = source.shape[0]
     total = start.shape[0] + s.max_new_tokens
-    encode = getattr(type(model), "encode", None)
-    context = None
-    if encode is not None:
-        context = _intercepted(
-            s, factors, lambda: model.apply({"params": params}, source, method=encode)
-        )
+    context = _intercepted(
+        s,
+        factors,
+        lambda: model.apply({"params": params}, source, source_mask, method=type(model).encode),
+    )
 
     def prefill(ids, mask):
         rows = ids.shape[0]
-        if context is not None:
-            inputs = (None,)
-            extra = {
-                "decoder_input_ids": ids,
-                "decoder_attention_mask": mask,
-                "encoder_hidden_states": jnp.repeat(context, rows // batch, axis=0),
-            }
-            init_extra = {**extra, "decoder_input_ids": jnp.zeros((rows, total), jnp.int32)}
-            init_extra.pop("decoder_attention_mask")
-        else:
-            src = jnp.repeat(source, rows // batch, axis=0)
-            inputs = (src, jnp.repeat(source_mask, rows // batch, axis=0))
-            extra = {"decoder_input_ids": ids, "decoder_attention_mask": mask}
-            init_extra = {"decoder_input_ids": jnp.zeros((rows, total), jnp.int32)}
+        src_mask = jnp.repeat(source_mask, rows // batch, axis=0)
+        encoded = jnp.repeat(context, rows // batch, axis=0)
 
         def init():
-            variables = model.init(jax.random.key(0), *inputs, decode=True, **init_extra)
+            dec = jnp.zeros((rows, total), jnp.int32)
+            variables = model.init(
+                jax.random.key(0),
+                None,
+                src_mask,
+                decoder_input_ids=dec,
+                encoder_hidden_states=encoded,
+                decode=True,
+            )
             return variables["cache"]
 
         cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(init))
@@ -527,10 +521,13 @@ def _run_seq2seq(model, s: _Settings, params, factors, source, source_mask, star
         def call():
             return model.apply(
                 {"params": params, "cache": cache},
-                *inputs,
+                None,
+                src_mask,
+                decoder_input_ids=ids,
+                decoder_attention_mask=mask,
+                encoder_hidden_states=encoded,
                 decode=True,
                 mutable=["cache"],
-                **extra,
             )
 
         logits, state = _intercepted(s, factors, call)

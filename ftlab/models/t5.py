@@ -381,8 +381,11 @@ class T5(nn.Module):
     decoder's final hidden states).
 
     ``__call__(input_ids, attention_mask=None, decoder_input_ids=None,
-    decoder_attention_mask=None, *, train=False, decode=False, return_hidden=False)``; the
-    first argument may be a batch dict holding those keys. ``decoder_input_ids`` are required
+    decoder_attention_mask=None, *, encoder_hidden_states=None, train=False, decode=False,
+    return_hidden=False)``; the first argument may be a batch dict holding those keys.
+    ``encode(input_ids, attention_mask)`` (``__call__`` with ``encode_only=True``) returns the
+    encoder's output; passed back as ``encoder_hidden_states`` (``attention_mask`` still the
+    source's) it replaces the encoder (beam search encodes each source once). ``decoder_input_ids`` are required
     outside decoding (``shift_right(labels, decoder_start_token_id, pad_token_id)``). Masks
     are 1 for tokens, 0 for padding; the decoder is causal. ``dtype`` is the compute dtype (parameters in
     ``param_dtype``); ``remat`` recomputes each block in the backward pass; ``scan_layers``
@@ -433,6 +436,11 @@ class T5(nn.Module):
         allowed = keys[:, None, None, :] & (slot <= i + jnp.arange(t)[:, None])[None, None]
         return _additive(allowed, jnp.float32), i
 
+    def encode(self, input_ids: Any, attention_mask: Any = None, *, train: bool = False):
+        """The encoder's output (batch, source length, d_model), for ``encoder_hidden_states``
+        (beam search encodes each source once and repeats the output per beam)."""
+        return self(input_ids, attention_mask, encode_only=True, train=train)
+
     @nn.compact
     def __call__(
         self,
@@ -441,6 +449,8 @@ class T5(nn.Module):
         decoder_input_ids: Any = None,
         decoder_attention_mask: Any = None,
         *,
+        encoder_hidden_states: jax.Array | None = None,
+        encode_only: bool = False,
         train: bool = False,
         decode: bool = False,
         return_hidden: bool = False,
@@ -489,15 +499,23 @@ class T5(nn.Module):
             encoded = None
             source_mask = self.get_variable("cache", "encoder_mask")
         else:
-            if decoder_input_ids is None:
+            if decoder_input_ids is None and not encode_only:
                 raise ValueError("T5 needs decoder_input_ids (ftlab.models.t5.shift_right(labels))")
-            input_ids = jnp.asarray(inputs)
-            b, s = input_ids.shape
+            if encoder_hidden_states is None:
+                input_ids = jnp.asarray(inputs)
+                b, s = input_ids.shape
+            else:  # the encoder's output, computed once (``encode``)
+                b, s = encoder_hidden_states.shape[:2]
             source_mask = (
                 jnp.ones((b, s), bool) if attention_mask is None else _bool(attention_mask)
             )
-            enc_bias = _additive(source_mask[:, None, None, :], jnp.float32)
-            encoded = encoder(shared(input_ids), enc_bias, None, None, 0, train, False)
+            if encoder_hidden_states is None:
+                enc_bias = _additive(source_mask[:, None, None, :], jnp.float32)
+                encoded = encoder(shared(input_ids), enc_bias, None, None, 0, train, False)
+            else:
+                encoded = jnp.asarray(encoder_hidden_states, self.dtype)
+            if encode_only:
+                return encoded
             if decode:
                 stored = self.variable("cache", "encoder_mask", jnp.zeros, (b, s), bool)
                 stored.value = source_mask

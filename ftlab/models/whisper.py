@@ -457,8 +457,11 @@ class Whisper(nn.Module):
                 name="proj_out",
             )
 
-    def encode(self, input_features: jax.Array, train: bool = False) -> jax.Array:
-        """The encoder's output (batch, max_source_positions, d_model)."""
+    def encode(
+        self, input_features: jax.Array, attention_mask: Any = None, *, train: bool = False
+    ) -> jax.Array:
+        """The encoder's output (batch, max_source_positions, d_model); ``attention_mask`` is
+        ignored, as in ``__call__`` (the signature T5's ``encode`` has)."""
         return self.encoder(input_features, train)
 
     def decode_logits(
@@ -509,7 +512,7 @@ class Whisper(nn.Module):
         if encoder_hidden_states is None:
             if features is None:
                 raise ValueError("Whisper needs input_features (or encoder_hidden_states)")
-            encoder_hidden_states = self.encode(features, train)
+            encoder_hidden_states = self.encode(features, train=train)
         return self.decode_logits(
             decoder_input_ids, encoder_hidden_states, decoder_attention_mask, train, decode
         )

@@ -179,8 +179,9 @@ def base_config() -> mc.ConfigDict:
     c.method.ia3 = mc.ConfigDict()
     c.method.ia3.targets = ()  # regexes of kernel paths to scale
     c.method.ia3.feedforward = ()  # regexes of those targets scaled on their input side
-    # prompt tuning (method.name "prompt"; causal LMs on GPT-2 / LLaMA): a trained soft prompt
-    # of num_virtual_tokens embeddings prepended to the input embeddings, the model frozen
+    # prompt tuning (method.name "prompt"; causal LMs on GPT-2 / LLaMA, T5): a trained soft
+    # prompt of num_virtual_tokens embeddings prepended to the input embeddings (T5: the
+    # encoder's), the model frozen
     # (plus method.trainable); PEFT's PROMPT_TUNING (ftlab.methods.prompt)
     c.method.prompt = mc.ConfigDict()
     c.method.prompt.num_virtual_tokens = 20  # virtual tokens (> 0)
@@ -490,10 +491,11 @@ def validate(cfg: mc.ConfigDict) -> None:
             "init 'text' needs a text",
         )
         _check(
-            cfg.train.loss == "causal_lm",
+            cfg.train.loss in ("causal_lm", "seq2seq"),
             "method.name",
             "'prompt' (prompt tuning) supports causal language models (train.loss "
-            f"'causal_lm') on GPT-2 and LLaMA, not train.loss {cfg.train.loss!r}",
+            "'causal_lm') on GPT-2 and LLaMA and T5 encoder-decoders (train.loss 'seq2seq'), "
+            f"not train.loss {cfg.train.loss!r}",
         )
     _regexes(cfg.method.ia3.feedforward, "method.ia3.feedforward")
     _regexes(cfg.method.partial.blocks, "method.partial.blocks")

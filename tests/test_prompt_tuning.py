@@ -1,11 +1,14 @@
 """Prompt tuning (``method.name = "prompt"``, ``ftlab.methods.prompt``): a trained soft prompt
-prepended to the input embeddings of GPT-2 / LLaMA causal LMs.
+prepended to the input embeddings of GPT-2 / LLaMA causal LMs and of T5's encoder.
 
 PEFT parity on the peft-made fixtures (``peft_gpt2_prompt``, ``peft_llama_prompt``: logits
 within 1e-5 in fp32 on the real tokens, re-export bit for bit, ftlab -> PEFT -> ftlab exact);
 scan_layers; cached generation against uncached forwards; a tiny GPT-2 run (frozen leaves
 bit-identical, optimizer state only for the prompt, the prompt trained, ``ftlab export --peft``,
 exact resume after Ctrl-C); config errors naming the key; step FLOPs with the prompt.
+T5 (``peft_t5_prompt``, PEFT's two-submodule table): logits within 1e-5 of PEFT's, the export
+(one submodule) round trip bit for bit, cached greedy / beam decoding against uncached forwards
+and PEFT's ``generate``, a few train steps of the T5 recipe's prompt config.
 """
 
 import json
@@ -24,7 +27,7 @@ from safetensors.numpy import load_file
 from ftlab import checkpoint, tree
 from ftlab.config import ConfigError, apply_overrides, load_config
 from ftlab.eval import plots
-from ftlab.eval.generate import generate
+from ftlab.eval.generate import generate, generate_seq2seq
 from ftlab.interop import peft_prompt
 from ftlab.interop.errors import PeftAdapterError
 from ftlab.interop.peft import export_method_adapter
@@ -224,6 +227,11 @@ def test_config_errors():
         return apply_overrides(cfg, {**prompt, **overrides})
 
     validate(lm())
+    # T5 (seq2seq): its recipe with method.name "prompt" validates; other losses do not
+    t5 = load_config(f"{CONFIGS / 't5_e2e.py'}:lora,runlocal")
+    validate(apply_overrides(t5, {"method.name": "prompt"}))
+    with pytest.raises(ConfigError, match="config.method.name: .*T5.*not train.loss 'mse'"):
+        validate(apply_overrides(t5, {"method.name": "prompt", "train.loss": "mse"}))
     for overrides, key in [
         ({"method.prompt.num_virtual_tokens": 0}, "config.method.prompt.num_virtual_tokens"),
         ({"method.prompt.init": "zeros"}, "config.method.prompt.init"),
@@ -239,7 +247,9 @@ def test_config_errors():
         build_method(_method_cfg(num_virtual_tokens=-1), gpt2.params)
     # a sequence classifier, an encoder: refused, naming method.name and what is supported
     for params in (_base("tiny_gpt2", "classifier").params, _base("tiny_bert").params):
-        with pytest.raises(ConfigError, match=r"config.method.name: 'prompt'.*GPT-2 and LLaMA"):
+        with pytest.raises(
+            ConfigError, match=r"config.method.name: 'prompt'.*GPT-2 and LLaMA and T5"
+        ):
             build_method(_method_cfg(num_virtual_tokens=2), params)
     # text init: the run's tokenizer tokenises it, repeated / cut to the virtual tokens
     tok = lambda text: {"input_ids": [ord(c) % 100 for c in text]}
@@ -385,3 +395,221 @@ def test_the_prompt_is_replicated_and_the_frozen_base_stays_sharded():
     ]
     assert len(moments) == 2  # adamw's mu and nu, for the prompt alone
     assert sh.frozen["h_0"]["mlp"]["c_fc"]["kernel"].spec != P()
+
+
+# -- T5 (the paper's model): the prompt goes to the encoder ------------------------------------
+
+T5_KEYS = ("input_ids", "attention_mask", "decoder_input_ids")
+
+
+def _t5_case():
+    p = _base("tiny_t5")
+    with np.load(FIXTURES / "peft_t5_prompt" / "reference.npz") as d:
+        ref = dict(d)
+    adapter = peft_prompt.load_prompt_adapter(FIXTURES / "peft_t5_prompt", p.params, p.hf_config)
+    return p, ref, adapter
+
+
+def test_t5_peft_fixture_runs_as_in_peft_and_round_trips(tmp_path):
+    """peft_t5_prompt (PEFT's default 2 submodules: a (6, 32) table, the first 3 rows on the
+    encoder): ftlab's logits are PEFT's; the export (1 submodule, a (3, 32) table, which PEFT
+    loads and runs the same: checked by hand, ~4e-7) re-imports bit for bit."""
+    p, ref, adapter = _t5_case()
+    method, trainable, frozen = adapter.split(p.params)
+    assert method.prompt_tokens == 3 and method.prompt_source == "shared/embedding"
+    assert adapter.modules == {} and method.trained == ()
+    table = load_file(str(FIXTURES / "peft_t5_prompt" / "adapter_model.safetensors"))
+    table = table["prompt_embeddings"]
+    assert table.shape == (6, 32) and adapter.config["num_transformer_submodules"] == 2
+    np.testing.assert_array_equal(trainable["prompt"]["embeddings"], table[:3])
+    assert len(adapter.notes) == 1 and "rows 3..5 (unused) were dropped" in adapter.notes[0]
+    batch = {k: ref[k] for k in T5_KEYS}  # source row 1 padded from position 6
+    ours = _logits(p, method, trainable, frozen, batch)
+    assert ours.shape == ref["peft_logits"].shape == (2, 6, 100)  # the decoder's positions
+    assert np.abs(ours - ref["peft_logits"]).max() < 1e-5  # measured ~5e-7
+    with jax.default_matmul_precision("highest"):
+        plain = np.asarray(jax.jit(p.model.apply)({"params": p.params}, batch))
+    assert np.abs(plain - ref["peft_logits"]).max() > 1e-2  # the prompt matters (~0.39)
+    # a (batch, v, d) prompt, one per row, is the shared one; encode + encoder_hidden_states
+    # with the source mask extended by v ones is the full call
+    with jax.default_matmul_precision("highest"):
+        prompt = trainable["prompt"]["embeddings"]
+
+        def both(params, e):
+            per_row = p.model.apply({"params": params}, batch, prompt_embeds=jnp.stack([e, e]))
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            enc = p.model.apply({"params": params}, ids, mask, prompt_embeds=e, method="encode")
+            full_mask = jnp.concatenate([jnp.ones((2, 3), mask.dtype), mask], axis=1)
+            split = p.model.apply(
+                {"params": params},
+                None,
+                full_mask,
+                batch["decoder_input_ids"],
+                encoder_hidden_states=enc,
+            )
+            return per_row, enc, split
+
+        per_row, enc, split = jax.jit(both)(p.params, prompt)
+    assert enc.shape == (2, 3 + 10, 32)
+    np.testing.assert_allclose(per_row, ours, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(split, ours, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="encoder_hidden_states already"):
+        p.model.apply(
+            {"params": p.params},
+            None,
+            None,
+            batch["decoder_input_ids"],
+            encoder_hidden_states=enc,
+            prompt_embeds=prompt,
+        )
+
+    out = export_method_adapter(
+        tmp_path / "out",
+        method,
+        trainable,
+        frozen,
+        p.hf_config,
+        base_model_name_or_path=adapter.config["base_model_name_or_path"],
+    )
+    mine = json.loads((out / "adapter_config.json").read_text())
+    ref_config = json.loads((FIXTURES / "peft_t5_prompt" / "adapter_config.json").read_text())
+    ref_config.pop("peft_version")  # written by peft itself
+    assert mine == {**ref_config, "num_transformer_submodules": 1}
+    assert mine["task_type"] == "SEQ_2_SEQ_LM" and mine["num_layers"] == 2
+    saved = load_file(str(out / "adapter_model.safetensors"))["prompt_embeddings"]
+    assert saved.dtype == np.float32 and np.array_equal(saved, table[:3])
+    back = peft_prompt.load_prompt_adapter(out, p.params, p.hf_config)
+    assert back.method == method and back.notes == []
+    np.testing.assert_array_equal(back.leaves["prompt"]["embeddings"], saved)
+    again = export_method_adapter(
+        tmp_path / "again",
+        *back.split(p.params),
+        p.hf_config,
+        base_model_name_or_path=adapter.config["base_model_name_or_path"],
+    )
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (again / name).read_bytes() == (out / name).read_bytes()
+
+    # errors: a T5 prompt on a decoder (and back), other submodule counts, another task type
+    gpt2 = _base("tiny_gpt2")
+    with pytest.raises(PeftAdapterError, match="task_type 'SEQ_2_SEQ_LM'.*'CAUSAL_LM'"):
+        peft_prompt.load_prompt_adapter(out, gpt2.params, gpt2.hf_config)
+    with pytest.raises(PeftAdapterError, match="task_type 'CAUSAL_LM'.*'SEQ_2_SEQ_LM'"):
+        peft_prompt.load_prompt_adapter(FIXTURES / "peft_llama_prompt", p.params, p.hf_config)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps({**mine, "num_transformer_submodules": 3}))
+    (bad / "adapter_model.safetensors").write_bytes(
+        (out / "adapter_model.safetensors").read_bytes()
+    )
+    with pytest.raises(PeftAdapterError, match="num_transformer_submodules 3"):
+        peft_prompt.load_prompt_adapter(bad, p.params, p.hf_config)
+    (bad / "adapter_config.json").write_text(json.dumps({**mine, "num_transformer_submodules": 2}))
+    with pytest.raises(PeftAdapterError, match=r"need \(6, 32\)"):  # a (3, 32) table for 2 x 3
+        peft_prompt.load_prompt_adapter(bad, p.params, p.hf_config)
+    with pytest.raises(PeftAdapterError, match="SEQ_2_SEQ_LM adapter, not 'CAUSAL_LM'"):
+        export_method_adapter(
+            tmp_path / "c", method, trainable, frozen, p.hf_config, task_type="CAUSAL_LM"
+        )
+
+
+def test_t5_cached_decoding_with_the_prompt_equals_uncached_forwards():
+    """generate_seq2seq with a prompt-tuning adapter (the encoder reads the prompt once): greedy
+    tokens are the argmax of uncached ``Method.apply`` forwards, its logits theirs; with the
+    fixture's prompt, greedy and 3-beam tokens are those of PEFT's ``generate``."""
+    p, ref, adapter = _t5_case()
+    method, trainable, frozen = adapter.split(p.params)
+    ids, mask = ref["input_ids"], ref["attention_mask"]
+    steps = 8
+    with jax.default_matmul_precision("highest"):
+        kw = {"max_new_tokens": steps, "adapter": method, "frozen": frozen}
+        # return_logits as below: one compilation serves both prompts (traced)
+        theirs = generate_seq2seq(
+            p.model, None, ids, mask, trainable=trainable, return_logits=True, **kw
+        )
+        beams = generate_seq2seq(p.model, None, ids, mask, trainable=trainable, num_beams=3, **kw)
+        # a prompt moved off the fixture's: varied tokens to follow step by step
+        moved = {
+            **trainable,
+            "prompt": {"embeddings": trainable["prompt"]["embeddings"] * 1.3 + 0.1},
+        }
+        out = generate_seq2seq(p.model, None, ids, mask, trainable=moved, return_logits=True, **kw)
+        fwd = jax.jit(lambda t, f, b: method.apply(p.model, t, f, b, train=False))
+        dec = np.zeros((2, steps), np.int32)  # the start token (0), then the tokens so far
+        for i in range(steps):
+            batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
+            logits = np.asarray(fwd(moved, frozen, batch))[:, i]
+            np.testing.assert_allclose(np.asarray(out.logits[:, i]), logits, atol=2e-5, rtol=0)
+            token = logits.argmax(-1).astype(np.int32)
+            np.testing.assert_array_equal(np.asarray(out.tokens[:, i]), token)
+            if i + 1 < steps:
+                dec[:, i + 1] = token
+    assert len(set(np.asarray(out.tokens).ravel().tolist())) > 2
+    np.testing.assert_array_equal(theirs.tokens, ref["peft_greedy_ids"])
+    np.testing.assert_array_equal(beams.tokens, ref["peft_beam3_ids"])
+    assert beams.tokens.shape == (2, steps) and np.isfinite(np.asarray(beams.scores)).all()
+
+
+def test_t5_prompt_tuning_trains_only_the_prompt():
+    """configs/t5_e2e.py:lora,runlocal (the recipe of the LoRA training-loop test in
+    tests/test_t5.py) made a prompt-tuning config: it validates, and its method, optimizer and
+    loss train tiny_t5 (the loop's train step, with the config's dropout) for a few steps:
+    the prompt alone moves, the frozen leaves stay bit-identical, the optimizer state is the
+    prompt's only. (The whole loop is run on GPT-2 by ``runs`` above.)"""
+    from ftlab.train import losses, optim
+    from ftlab.train.state import TrainState
+    from ftlab.train.step import make_train_step
+
+    cfg = load_config(f"{CONFIGS / 't5_e2e.py'}:lora,runlocal")
+    cfg = apply_overrides(
+        cfg,
+        {
+            "method.name": "prompt",
+            "method.prompt.num_virtual_tokens": 4,
+            "method.prompt.init": "vocab",
+            "optim.lr": 0.3,
+            "optim.warmup_steps": 0,
+            "train.num_steps": 3,
+        },
+    )
+    validate(cfg)
+    assert cfg.train.loss == "seq2seq"
+    p = _base("tiny_t5")
+    method = build_method(cfg.method, p.params)
+    assert method.prompt_tokens == 4 and method.prompt_source == "shared/embedding"
+    trainable, frozen = jax.jit(method.split)(p.params, jax.random.key(cfg.seed))
+    rows = np.asarray(p.params["shared"]["embedding"])  # "vocab": rows of the embedding
+    prompt0 = np.asarray(trainable["prompt"]["embeddings"])
+    assert prompt0.shape == (4, 32)
+    assert all(any(np.array_equal(r, w) for w in rows) for r in prompt0)
+    tx, schedule = optim.optimizer(cfg.optim, cfg.train.num_steps)
+    loss = losses.per_example_loss(cfg.train.loss, cfg.train.label_smoothing)
+    step = jax.jit(make_train_step(p.model, method, tx, schedule, loss))
+    with np.load(FIXTURES / "tiny_t5" / "inputs_logits.npz") as d:
+        inputs = {k: d[k] for k in T5_KEYS}
+    labels = np.concatenate([inputs["decoder_input_ids"][:, 1:], np.ones((2, 1), np.int32)], 1)
+    labels[1, 4:] = -100  # a padded target
+    batch = {"inputs": inputs, "labels": labels, "weights": (labels >= 0).sum(-1) * 1.0}
+    state = start = TrainState.create(trainable, frozen, tx, seed=cfg.seed)
+    start = jax.device_get(start)
+    seen = []
+    for _ in range(3):
+        state, metrics = step(state, batch)
+        seen.append(float(metrics["loss"]))
+    state = jax.device_get(state)
+    assert np.isfinite(seen).all()
+
+    @jax.jit
+    def eval_loss(t):  # without dropout: the steps lowered the batch's loss
+        logits = method.apply(p.model, t, start.frozen, inputs, train=False)
+        return (loss(logits, batch) * batch["weights"]).sum() / batch["weights"].sum()
+
+    assert float(eval_loss(state.trainable)) < float(eval_loss(start.trainable))
+    frozen0, frozen1 = tree.flatten(start.frozen), tree.flatten(state.frozen)
+    assert frozen1.keys() == frozen0.keys() and "shared/embedding" in frozen1
+    for path, value in frozen0.items():
+        np.testing.assert_array_equal(frozen1[path], value, err_msg=path)
+    assert {k for k, v in state.trainable.items() if jax.tree.leaves(v)} == {"prompt"}
+    assert np.abs(state.trainable["prompt"]["embeddings"] - prompt0).max() > 1e-3
+    opt = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
+    assert sum(np.size(x) for x in opt) == 2 * 4 * 32  # adamw's mu and nu of the prompt only

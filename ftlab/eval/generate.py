@@ -20,6 +20,7 @@ interceptor, unmerged, exactly as ``Method.apply``; ``adapter.merged_params(trai
 as ``params`` gives the same tokens up to float rounding. A prompt-tuning adapter's soft prompt
 (``Method.prompt_tokens`` = v) is prepended at the prefill (``prompt_embeds``, see
 ``ftlab.models.layers.Decoder``); the cache has v more slots, and there is no merged form.
+``generate_seq2seq`` gives T5's encoder the soft prompt instead (``T5.encode(prompt_embeds=...)``).
 """
 
 from __future__ import annotations
@@ -483,21 +484,31 @@ def _intercepted(s: _Settings, factors, call):
         return call()
 
 
-def _run_seq2seq(model, s: _Settings, params, factors, source, source_mask, start, rng, knobs):
+def _run_seq2seq(
+    model, s: _Settings, params, factors, source, source_mask, start, rng, knobs, prompt=None
+):
     """``_run`` for an encoder-decoder (``T5``, ``Whisper``): the decoder prompt is ``start``
     (a (prefix,) run of tokens, the same for every row: T5's start token, Whisper's forced
     prefix). The encoder runs once per source row (``model.encode``; ``source``: token ids or
     Whisper's log-mel features); the prefill primes every layer's cross-attention keys /
     values from its output (and the self-attention cache with the prefix). Beam search
     repeats the encoder's output per beam, as Hugging Face does, so the encoder's cost does
-    not grow with the beams."""
+    not grow with the beams. ``prompt`` (v, embed): a soft prompt (prompt tuning) the encoder
+    reads before the source (``T5.encode(prompt_embeds=...)``); its v positions are then part
+    of the source, so the source mask gets v leading ones."""
     batch = source.shape[0]
     total = start.shape[0] + s.max_new_tokens
+    extra = {} if prompt is None else {"prompt_embeds": prompt}
     context = _intercepted(
         s,
         factors,
-        lambda: model.apply({"params": params}, source, source_mask, method=type(model).encode),
+        lambda: model.apply(
+            {"params": params}, source, source_mask, method=type(model).encode, **extra
+        ),
     )
+    if prompt is not None:  # the encoder's output covers the v prompt positions too
+        ones = jnp.ones((batch, prompt.shape[0]), source_mask.dtype)
+        source_mask = jnp.concatenate([ones, source_mask], axis=1)
 
     def prefill(ids, mask):
         rows = ids.shape[0]
@@ -575,6 +586,10 @@ def generate_seq2seq(
     replace ``input_ids`` / ``attention_mask``, and ``decoder_start_token_id`` is the forced
     prefix (``<|startoftranscript|><|en|><|transcribe|><|notimestamps|>``; a sequence of ids
     is a prefix for any model), which every row starts from.
+
+    A prompt-tuning ``adapter`` (T5): the encoder reads its soft prompt before each source (as
+    PEFT's ``PeftModelForSeq2SeqLM.generate``), and the decoder attends to those v positions
+    too (the source mask gets v leading ones).
     """
     cfg = getattr(model, "config", None)
     if decoder_start_token_id is None:
@@ -618,7 +633,8 @@ def generate_seq2seq(
         )
     if input_features is not None:
         ids = features
-    return _run_seq2seq_jit(model, s, params, factors, ids, mask, start, key, knobs)
+    prompt = adapter.prompt_embeddings(trainable) if getattr(adapter, "prompt_tokens", 0) else None
+    return _run_seq2seq_jit(model, s, params, factors, ids, mask, start, key, knobs, prompt=prompt)
 
 
 def decode_sources(

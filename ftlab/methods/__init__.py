@@ -23,8 +23,9 @@ kernel's own path) and dequantised inside each layer's call; LoRA factors and an
 
 Prompt tuning (``method.name = "prompt"``, ``ftlab.methods.prompt``): one extra trainable leaf
 ``"prompt": {"embeddings": (v, embed)}`` (``Method.prompt_tokens`` = v), passed by ``apply``
-to the decoder as ``prompt_embeds`` (prepended to the token embeddings, sliced off the
-outputs). It merges into no weight: ``merged_params`` (the exported plain model) is the base.
+to the model as ``prompt_embeds`` (a decoder prepends it to the token embeddings and slices it
+off the outputs; T5 prepends it to the encoder's input embeddings). It merges into no weight:
+``merged_params`` (the exported plain model) is the base.
 """
 
 from __future__ import annotations

@@ -1,14 +1,17 @@
 """Prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt
 Tuning"): a learned soft prompt of ``v`` virtual-token embeddings prepended to the input
-embeddings of a decoder LM, everything in the base model frozen.
+embeddings of a decoder LM or of T5's encoder, everything in the base model frozen.
 
 Trainable leaf: ``{"prompt": {"embeddings": (v, embed)}}`` beside ``"params"`` / ``"lora"``.
 ``Method.apply`` passes it to the model as ``prompt_embeds``; the decoders
 (``ftlab.models.layers.Decoder``: GPT-2, LLaMA) prepend it to the token embeddings exactly as
 PEFT's ``PeftModelForCausalLM.forward`` does (v leading ones in the attention mask, positions
 ``0..v-1`` for the prompt and ``v + position`` for the tokens) and slice the v prompt positions
-off the logits, so labels, losses and metrics are those of the plain model. Nothing merges into
-the base weights: ``Method.merged_params`` (the exported plain model) is the base model.
+off the logits, so labels, losses and metrics are those of the plain model. T5
+(``ftlab.models.t5.T5``, the paper's model) prepends it to the encoder's input embeddings, as
+PEFT's ``PeftModelForSeq2SeqLM.forward`` (PROMPT_TUNING) does: v leading ones in the source mask,
+the decoder and its logits unchanged. Nothing merges into the base weights:
+``Method.merged_params`` (the exported plain model) is the base model.
 
 Initialisation (``method.prompt.init``), PEFT's ``PromptTuningInit``:
 
@@ -19,7 +22,9 @@ Initialisation (``method.prompt.init``), PEFT's ``PromptTuningInit``:
   repeated or cut to ``v`` tokens (``TEXT``).
 
 Supported models: causal LMs with a decoder token embedding at ``wte/embedding`` (GPT-2) or
-``embed_tokens/embedding`` (LLaMA) and no classification head; errors name the key.
+``embed_tokens/embedding`` (LLaMA) and no classification head (``train.loss`` ``causal_lm``),
+and T5, whose token embedding is ``shared/embedding`` (``train.loss`` ``seq2seq``); errors name
+the key.
 """
 
 from __future__ import annotations
@@ -34,24 +39,37 @@ import jax.numpy as jnp
 INITS = ("random", "vocab", "text")
 PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 # decoder token embeddings (GPT-2, LLaMA): the prompt has their width; "vocab" / "text" copy rows
-EMBEDDINGS = ("wte/embedding", "embed_tokens/embedding")
+DECODER_EMBEDDINGS = ("wte/embedding", "embed_tokens/embedding")
+# T5's shared token embedding: the prompt goes before the encoder's input embeddings
+ENCODER_DECODER_EMBEDDINGS = ("shared/embedding",)
+EMBEDDINGS = DECODER_EMBEDDINGS + ENCODER_DECODER_EMBEDDINGS
 HEADS = ("score/kernel",)  # a sequence-classification head: not supported
+LOSSES = ("causal_lm", "seq2seq")  # the train.loss values prompt tuning runs with
+SUPPORTED = (
+    "causal language models (train.loss 'causal_lm') on GPT-2 and LLaMA and T5 "
+    "encoder-decoders (train.loss 'seq2seq')"
+)
 
 
 def embedding_path(paths: Sequence[str]) -> str:
-    """The decoder token embedding of a model with these parameter paths (ConfigError if
-    the model is not a causal LM ftlab can prompt-tune)."""
+    """The token embedding the soft prompt extends, of a model with these parameter paths
+    (ConfigError if the model is not a causal LM or T5 that ftlab can prompt-tune)."""
     from ftlab.config import ConfigError
 
     found = [p for p in EMBEDDINGS if p in paths]
     if not found or any(h in paths for h in HEADS):
-        what = "a sequence-classification head (score)" if found else "no decoder token embedding"
+        what = "a sequence-classification head (score)" if found else "no such token embedding"
         raise ConfigError(
-            "config.method.name: 'prompt' (prompt tuning) supports causal language models "
-            "(train.loss 'causal_lm') on GPT-2 and LLaMA, whose token embedding is "
-            f"{' or '.join(EMBEDDINGS)}; this model has {what}"
+            f"config.method.name: 'prompt' (prompt tuning) supports {SUPPORTED}, whose token "
+            f"embedding is {' or '.join(EMBEDDINGS)}; this model has {what}"
         )
     return found[0]
+
+
+def is_encoder_decoder(source: str) -> bool:
+    """Whether the prompt's token embedding (``embedding_path``) is an encoder-decoder's (T5):
+    the prompt goes to the encoder and the PEFT task type is ``SEQ_2_SEQ_LM``."""
+    return source in ENCODER_DECODER_EMBEDDINGS
 
 
 def init_ids(text_ids: Sequence[int], num_tokens: int) -> tuple[int, ...]:

@@ -382,7 +382,13 @@ class T5(nn.Module):
 
     ``__call__(input_ids, attention_mask=None, decoder_input_ids=None,
     decoder_attention_mask=None, *, encoder_hidden_states=None, train=False, decode=False,
-    return_hidden=False)``; the first argument may be a batch dict holding those keys.
+    return_hidden=False, prompt_embeds=None)``; the first argument may be a batch dict holding
+    those keys. ``prompt_embeds`` (prompt tuning, ``ftlab.methods.prompt``): a soft prompt
+    (v, d_model) or (batch, v, d_model) prepended to the encoder's input embeddings, as PEFT's
+    ``PeftModelForSeq2SeqLM.forward`` (PROMPT_TUNING) does: the source mask gets v leading ones,
+    the encoder's relative positions span v + source length (as Hugging Face's on
+    ``inputs_embeds``), cross attention sees all v + source length positions, and the decoder
+    and its outputs are unchanged.
     ``encode(input_ids, attention_mask)`` (``__call__`` with ``encode_only=True``) returns the
     encoder's output; passed back as ``encoder_hidden_states`` (``attention_mask`` still the
     source's) it replaces the encoder (beam search encodes each source once). ``decoder_input_ids`` are required
@@ -436,10 +442,33 @@ class T5(nn.Module):
         allowed = keys[:, None, None, :] & (slot <= i + jnp.arange(t)[:, None])[None, None]
         return _additive(allowed, jnp.float32), i
 
-    def encode(self, input_ids: Any, attention_mask: Any = None, *, train: bool = False):
+    def encode(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        *,
+        train: bool = False,
+        prompt_embeds: jax.Array | None = None,
+    ):
         """The encoder's output (batch, source length, d_model), for ``encoder_hidden_states``
-        (beam search encodes each source once and repeats the output per beam)."""
-        return self(input_ids, attention_mask, encode_only=True, train=train)
+        (beam search encodes each source once and repeats the output per beam). With
+        ``prompt_embeds`` (v of them) the output has v + source length positions: pass it back
+        with the source mask extended by v leading ones."""
+        return self(
+            input_ids, attention_mask, encode_only=True, train=train, prompt_embeds=prompt_embeds
+        )
+
+    def _prompt(self, prompt_embeds: Any, b: int) -> jax.Array:
+        """The soft prompt as (b, v, d_model) in the compute dtype."""
+        prompt = jnp.asarray(prompt_embeds)
+        if prompt.ndim == 2:
+            prompt = prompt[None]
+        d = self.config.d_model
+        if prompt.ndim != 3 or prompt.shape[0] not in (1, b) or prompt.shape[2] != d:
+            raise ValueError(
+                f"prompt_embeds must be (v, {d}) or ({b}, v, {d}), got {jnp.shape(prompt_embeds)}"
+            )
+        return jnp.broadcast_to(prompt, (b, *prompt.shape[1:])).astype(self.dtype)
 
     @nn.compact
     def __call__(
@@ -454,6 +483,7 @@ class T5(nn.Module):
         train: bool = False,
         decode: bool = False,
         return_hidden: bool = False,
+        prompt_embeds: jax.Array | None = None,
     ):
         if self.head not in HEADS:
             raise ValueError(f"T5 head {self.head!r}: choose one of {', '.join(HEADS)}")
@@ -495,6 +525,11 @@ class T5(nn.Module):
                     "T5 decode step without a primed cache: call it first with the encoder "
                     "inputs and decoder_input_ids (see T5)"
                 )
+            if prompt_embeds is not None:
+                raise ValueError(
+                    "T5 decode step: prompt_embeds go to the encoder, which the primed cache "
+                    "already holds"
+                )
             decoder_input_ids, decoder_attention_mask = inputs, attention_mask
             encoded = None
             source_mask = self.get_variable("cache", "encoder_mask")
@@ -505,13 +540,26 @@ class T5(nn.Module):
                 input_ids = jnp.asarray(inputs)
                 b, s = input_ids.shape
             else:  # the encoder's output, computed once (``encode``)
+                if prompt_embeds is not None:
+                    raise ValueError(
+                        "T5: prompt_embeds go to the encoder; encoder_hidden_states already "
+                        "hold them (encode(..., prompt_embeds=...)), with the source mask "
+                        "extended by v leading ones"
+                    )
                 b, s = encoder_hidden_states.shape[:2]
             source_mask = (
                 jnp.ones((b, s), bool) if attention_mask is None else _bool(attention_mask)
             )
             if encoder_hidden_states is None:
+                embedded = shared(input_ids)
+                if prompt_embeds is not None:  # the soft prompt: v more encoder positions
+                    prompt = self._prompt(prompt_embeds, b)
+                    embedded = jnp.concatenate([prompt.astype(embedded.dtype), embedded], 1)
+                    ones = jnp.ones((b, prompt.shape[1]), bool)
+                    source_mask = jnp.concatenate([ones, source_mask], axis=1)
+                    s = source_mask.shape[1]
                 enc_bias = _additive(source_mask[:, None, None, :], jnp.float32)
-                encoded = encoder(shared(input_ids), enc_bias, None, None, 0, train, False)
+                encoded = encoder(embedded, enc_bias, None, None, 0, train, False)
             else:
                 encoded = jnp.asarray(encoder_hidden_states, self.dtype)
             if encode_only:

@@ -385,8 +385,7 @@ def generate(
         no_repeat_ngram_size=no_repeat_ngram_size,
         return_logits=return_logits,
     )
-    prompt = adapter.prompt_embeddings(trainable) if getattr(adapter, "prompt_tokens", 0) else None
-    return _run_jit(model, *args, prompt=prompt)
+    return _run_jit(model, *args, prompt=_soft_prompt(adapter, trainable))
 
 
 def _setup(
@@ -474,6 +473,11 @@ def _setup(
 
 
 # -- encoder-decoder models (T5) ------------------------------------------------------------
+
+
+def _soft_prompt(adapter: Method | None, trainable: Mapping | None) -> jax.Array | None:
+    """A prompt-tuning adapter's soft prompt (v, embed), else None."""
+    return adapter.prompt_embeddings(trainable) if getattr(adapter, "prompt_tokens", 0) else None
 
 
 def _intercepted(s: _Settings, factors, call):
@@ -633,7 +637,7 @@ def generate_seq2seq(
         )
     if input_features is not None:
         ids = features
-    prompt = adapter.prompt_embeddings(trainable) if getattr(adapter, "prompt_tokens", 0) else None
+    prompt = _soft_prompt(adapter, trainable)
     return _run_seq2seq_jit(model, s, params, factors, ids, mask, start, key, knobs, prompt=prompt)
 
 
@@ -677,8 +681,13 @@ def decode_sources(
             length_penalty=cfg.length_penalty,
             no_repeat_ngram_size=cfg.no_repeat_ngram_size,
         )
-        tokens, lengths = jax.device_get(out.tokens), jax.device_get(out.lengths)
-        for row in range(len(chunk)):
-            new = [t for t in tokens[row, : lengths[row]].tolist() if t != eos]
-            texts.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+        texts += decoded_texts(out, len(chunk), tokenizer, eos)
     return texts
+
+
+def decoded_texts(out: Generated, count: int, tokenizer: Any, eos: int | None) -> list[str]:
+    """The first ``count`` rows' new tokens as text: each row's ``lengths`` tokens, EOS
+    dropped, special tokens skipped."""
+    tokens, lengths = jax.device_get(out.tokens), jax.device_get(out.lengths)
+    rows = [[t for t in tokens[r, : lengths[r]].tolist() if t != eos] for r in range(count)]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]

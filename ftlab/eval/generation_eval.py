@@ -17,7 +17,7 @@ import numpy as np
 from ftlab.data import Split
 from ftlab.data import text as text_lib
 from ftlab.eval import text_metrics
-from ftlab.eval.generate import decode_sources, generate, generate_seq2seq
+from ftlab.eval.generate import decode_sources, decoded_texts, generate, generate_seq2seq
 
 
 def grouped_prompts(split: Split, limit: int) -> list[tuple[dict[str, str], list[str]]]:
@@ -75,10 +75,7 @@ def decode_prompts(
             length_penalty=cfg.length_penalty,
             no_repeat_ngram_size=cfg.no_repeat_ngram_size,
         )
-        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        for row in range(len(chunk)):
-            new = [t for t in tokens[row, : lengths[row]].tolist() if t != eos]
-            texts.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+        texts += decoded_texts(out, len(chunk), tokenizer, eos)
     return texts
 
 
@@ -227,10 +224,7 @@ def transcribe(
             length_penalty=float(length_penalty),
             no_repeat_ngram_size=int(no_repeat_ngram_size),
         )
-        tokens = np.asarray(out.tokens)
-        for row in tokens[: len(chunk)].tolist():
-            row = row[: row.index(eos)] if eos in row else row
-            texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        texts += decoded_texts(out, len(chunk), tokenizer, eos)
     return texts
 
 
